@@ -1,0 +1,1 @@
+"""Configuration: the YAML contract, loading, interpolation, errors that point at lines."""

@@ -1,0 +1,220 @@
+"""Pydantic models of the YAML contract (see DESIGN.md).
+
+Every section forbids unknown keys; secrets are ``SecretStr``. Sections owned by later work
+(auth, teams, pricing, retry, cache, rate-limit headers) are modelled with what the contract
+names today and grow with their policies. Cross-references between sections (aliases, team
+model lists) are checked by :mod:`sidegate.config.checks` so that every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    model_validator,
+)
+
+__all__ = [
+    "Alias",
+    "ApiKeyEntry",
+    "AuthConfig",
+    "Budget",
+    "CacheConfig",
+    "EmbeddingsCacheConfig",
+    "JwtConfig",
+    "MemoryStore",
+    "ModelEntry",
+    "Price",
+    "RateLimit",
+    "RateLimitHeadersConfig",
+    "RedisStore",
+    "RetryConfig",
+    "ServerConfig",
+    "SidegateConfig",
+    "SqliteStore",
+    "Team",
+    "Timeouts",
+    "Upstream",
+    "UpstreamKey",
+]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: PositiveInt = 26_214_400
+    shutdown_grace_s: NonNegativeFloat = Field(
+        30.0, description="On SIGTERM: how long requests and streams in flight may take to finish."
+    )
+    watch_config: bool = Field(True, description="Reload when the config file changes on disk.")
+    watch_interval_s: PositiveFloat = 1.0
+
+
+class MemoryStore(Section):
+    kind: Literal["memory"]
+
+
+class SqliteStore(Section):
+    kind: Literal["sqlite"]
+    path: str = "sidegate.db"
+
+
+class RedisStore(Section):
+    kind: Literal["redis"]
+    url: str = "redis://127.0.0.1:6379/0"
+
+
+Store = Annotated[MemoryStore | SqliteStore | RedisStore, Field(discriminator="kind")]
+
+
+class UpstreamKey(Section):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    secret: SecretStr
+
+
+class Timeouts(Section):
+    connect_s: PositiveFloat = Field(10.0, description="Establishing the TCP/TLS connection.")
+    read_s: PositiveFloat = Field(
+        120.0, description="Idle time between two reads (a stream may run longer in total)."
+    )
+    total_s: PositiveFloat = Field(600.0, description="The whole upstream exchange.")
+
+
+class ModelEntry(Section):
+    """A model (Meridian) or service (Meivan) an upstream serves; a bare string is the id."""
+
+    id: str = Field(min_length=1)
+    capabilities: list[str] = Field(default_factory=list)
+    max_context_tokens: PositiveInt | None = None
+    regions: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"id": value} if isinstance(value, str) else value
+
+
+class Upstream(Section):
+    kind: Literal["meridian", "meivan"]
+    base_url: AnyHttpUrl | None = Field(
+        None, description="Where the vendor's API lives; the path part must not include /v1."
+    )
+    mock: bool = Field(
+        False, description="Serve this upstream with sidegate's built-in mock (demo, tests)."
+    )
+    keys: list[UpstreamKey] = Field(default_factory=list)
+    models: list[ModelEntry] = Field(min_length=1)
+    timeouts: Timeouts = Timeouts()
+    auth_header: str = Field(
+        "Authorization", description="The header that carries the upstream key."
+    )
+    auth_scheme: str = Field(
+        "Bearer", description="Prefix of the key in auth_header; empty for the bare key."
+    )
+
+    @model_validator(mode="after")
+    def _target(self) -> Upstream:
+        if self.mock and self.base_url is not None:
+            raise ValueError("set either base_url or mock: true, not both")
+        if not self.mock and self.base_url is None:
+            raise ValueError("base_url is required (or mock: true for the built-in mock)")
+        if not self.mock and not self.keys:
+            raise ValueError("at least one key is required")
+        return self
+
+
+class Alias(Section):
+    upstream: str
+    model: str
+
+
+class Price(Section):
+    """USD per 1M tokens (input/output), or per image / per request."""
+
+    input: NonNegativeFloat | None = None
+    output: NonNegativeFloat | None = None
+    per_image: NonNegativeFloat | None = None
+    per_request: NonNegativeFloat | None = None
+
+
+class ApiKeyEntry(Section):
+    id: str
+    team: str
+    hash: str
+
+
+class JwtConfig(Section):
+    issuer: str
+    audience: str
+    algorithms: list[str] = Field(min_length=1)
+    jwks_url: AnyHttpUrl | None = None
+    team_claim: str = "team"
+
+
+class AuthConfig(Section):
+    api_keys: list[ApiKeyEntry] = Field(default_factory=list)
+    jwt: JwtConfig | None = None
+
+
+class Budget(Section):
+    usd: NonNegativeFloat
+    period: Literal["daily", "weekly", "monthly", "total"] = "monthly"
+
+
+class RateLimit(Section):
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+
+
+class Team(Section):
+    budget: Budget | None = None
+    rate_limit: RateLimit | None = None
+    models: list[str] | None = None
+
+
+class RetryConfig(Section):
+    max_attempts: PositiveInt = 4
+    base_delay_s: NonNegativeFloat = 0.25
+    max_delay_s: NonNegativeFloat = 8.0
+    deadline_s: PositiveFloat = 60.0
+
+
+class EmbeddingsCacheConfig(Section):
+    ttl_s: PositiveInt = 86_400
+    max_bytes: PositiveInt = 268_435_456
+    scope: Literal["team", "shared"] = "team"
+
+
+class CacheConfig(Section):
+    embeddings: EmbeddingsCacheConfig | None = None
+
+
+class RateLimitHeadersConfig(Section):
+    mode: Literal["passthrough", "team", "strip"] = "passthrough"
+
+
+class SidegateConfig(Section):
+    """The whole file. Built once per load and swapped whole on reload."""
+
+    server: ServerConfig = ServerConfig()
+    store: Store = SqliteStore(kind="sqlite")
+    upstreams: dict[str, Upstream] = Field(min_length=1)
+    models: dict[str, Alias] = Field(default_factory=dict)
+    pricing: dict[str, Price] = Field(default_factory=dict)
+    auth: AuthConfig = AuthConfig()
+    teams: dict[str, Team] = Field(default_factory=dict)
+    retry: RetryConfig = RetryConfig()
+    cache: CacheConfig = CacheConfig()
+    rate_limit_headers: RateLimitHeadersConfig = RateLimitHeadersConfig()

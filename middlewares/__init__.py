@@ -1,0 +1,1 @@
+"""sidegate's policies, each an aiohttp middleware factory taking typed settings."""

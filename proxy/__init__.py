@@ -1,0 +1,1 @@
+"""The gateway: app factory, routing, forwarding, vendor dialects, CLI, mocks."""

@@ -1,0 +1,1 @@
+"""sidegate: an embeddable LLM API gateway for aiohttp."""

@@ -1,0 +1,3 @@
+from sidegate.proxy.cli import main
+
+raise SystemExit(main())
