@@ -15,12 +15,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
     SecretStr,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 __all__ = [
     "Alias",
@@ -53,12 +56,15 @@ class Section(BaseModel):
 
 class ServerConfig(Section):
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: PositiveInt = 26_214_400
     shutdown_grace_s: NonNegativeFloat = Field(
-        30.0, description="On SIGTERM: how long requests and streams in flight may take to finish."
+        default=30.0,
+        description="On SIGTERM: how long requests and streams in flight may take to finish.",
     )
-    watch_config: bool = Field(True, description="Reload when the config file changes on disk.")
+    watch_config: bool = Field(
+        default=True, description="Reload when the config file changes on disk."
+    )
     watch_interval_s: PositiveFloat = 1.0
 
 
@@ -85,11 +91,13 @@ class UpstreamKey(Section):
 
 
 class Timeouts(Section):
-    connect_s: PositiveFloat = Field(10.0, description="Establishing the TCP/TLS connection.")
-    read_s: PositiveFloat = Field(
-        120.0, description="Idle time between two reads (a stream may run longer in total)."
+    connect_s: PositiveFloat = Field(
+        default=10.0, description="Establishing the TCP/TLS connection."
     )
-    total_s: PositiveFloat = Field(600.0, description="The whole upstream exchange.")
+    read_s: PositiveFloat = Field(
+        default=120.0, description="Idle time between two reads (a stream may run longer in total)."
+    )
+    total_s: PositiveFloat = Field(default=600.0, description="The whole upstream exchange.")
 
 
 class ModelEntry(Section):
@@ -103,25 +111,37 @@ class ModelEntry(Section):
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
-        return {"id": value} if isinstance(value, str) else value
+        if isinstance(value, str):
+            return {"id": value}
+        if not isinstance(value, dict | ModelEntry):
+            raise ValueError("expected a model id or a mapping with 'id'")
+        return value
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"anyOf": [{"type": "string", "minLength": 1}, handler(core_schema)]}
 
 
 class Upstream(Section):
     kind: Literal["meridian", "meivan"]
     base_url: AnyHttpUrl | None = Field(
-        None, description="Where the vendor's API lives; the path part must not include /v1."
+        default=None,
+        description="Where the vendor's API lives; the path part must not include /v1.",
     )
     mock: bool = Field(
-        False, description="Serve this upstream with sidegate's built-in mock (demo, tests)."
+        default=False,
+        description="Serve this upstream with sidegate's built-in mock (demo, tests).",
     )
     keys: list[UpstreamKey] = Field(default_factory=list)
     models: list[ModelEntry] = Field(min_length=1)
     timeouts: Timeouts = Timeouts()
     auth_header: str = Field(
-        "Authorization", description="The header that carries the upstream key."
+        default="Authorization", description="The header that carries the upstream key."
     )
     auth_scheme: str = Field(
-        "Bearer", description="Prefix of the key in auth_header; empty for the bare key."
+        default="Bearer", description="Prefix of the key in auth_header; empty for the bare key."
     )
 
     @model_validator(mode="after")

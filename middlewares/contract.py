@@ -26,6 +26,7 @@ __all__ = [
     "Principal",
     "Route",
     "Vendor",
+    "parse_object",
 ]
 
 
@@ -98,19 +99,24 @@ class Call:
 
     @property
     def json(self) -> dict[str, Any]:
-        """The body as a JSON object, parsed on first use (orjson)."""
+        """The forwarded body as a JSON object, parsed on first use (orjson)."""
         if self._json is None:
-            try:
-                parsed = orjson.loads(self.body)
-            except orjson.JSONDecodeError as exc:
-                raise BadRequest(
-                    f"The request body is not valid JSON ({exc.msg} at position {exc.pos}).",
-                    code="invalid_json",
-                ) from None
-            if not isinstance(parsed, dict):
-                raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-            self._json = parsed
+            self._json = parse_object(self.body)
         return self._json
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """Parse a JSON object body, or raise a 400 that says what is wrong."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(
+            f"The request body is not valid JSON ({exc.msg} at position {exc.pos}).",
+            code="invalid_json",
+        ) from None
+    if not isinstance(parsed, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    return parsed
 
 
 CALL_KEY = web.RequestKey("sidegate_call", Call)

@@ -11,9 +11,11 @@ error cannot echo a credential.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Self
 
 import orjson
+import structlog
 from aiohttp import web
 
 __all__ = [
@@ -24,8 +26,11 @@ __all__ = [
     "UnsupportedMediaType",
     "UpstreamError",
     "envelope",
+    "error_middleware",
     "error_response",
 ]
+
+log = structlog.get_logger(__name__)
 
 
 class SidegateError(Exception):
@@ -52,6 +57,10 @@ class SidegateError(Exception):
         if status is not None:
             self.status = status
         self.headers = dict(headers or {})
+
+    def with_type(self, type_: str) -> Self:
+        self.type = type_
+        return self
 
 
 class BadRequest(SidegateError):
@@ -89,7 +98,9 @@ class UpstreamError(SidegateError):
 def envelope(
     type_: str, message: str, *, param: str | None = None, code: str | None = None
 ) -> bytes:
-    return orjson.dumps({"error": {"type": type_, "message": message, "param": param, "code": code}})
+    return orjson.dumps(
+        {"error": {"type": type_, "message": message, "param": param, "code": code}}
+    )
 
 
 def error_response(exc: SidegateError) -> web.Response:
@@ -99,4 +110,43 @@ def error_response(exc: SidegateError) -> web.Response:
         body=envelope(exc.type, exc.message, param=exc.param, code=exc.code),
         content_type="application/json",
         headers=exc.headers,
+    )
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn every error raised below into the envelope; an unexpected one is logged as a 500."""
+    try:
+        return await handler(request)
+    except SidegateError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_error(request, exc)
+    except Exception:
+        log.exception("unhandled_error", path=request.path)
+        return error_response(SidegateError("sidegate failed to handle the request."))
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    if exc.status == 404:
+        message = f"There is no endpoint {request.path}."
+    elif exc.status == 405:
+        message = f"{request.method} is not allowed on {request.path}."
+    else:
+        message = exc.reason
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return error_response(
+        SidegateError(
+            message,
+            status=exc.status,
+            code=_HTTP_CODES.get(exc.status, f"http_{exc.status}"),
+            headers=headers,
+        ).with_type("invalid_request_error")
     )

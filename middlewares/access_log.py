@@ -1,0 +1,105 @@
+"""Request ids and the access log: one structured line per request, written when it ends.
+
+The request id is the client's ``x-request-id`` when it is a sane token (≤128 printable ASCII
+characters), else a fresh random one; it is bound into structlog's contextvars for every line
+logged during the request, sent upstream, and returned to the client on every response.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Protocol
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from .contract import CALL_KEY, REQUEST_ID_KEY
+
+__all__ = ["RequestObserver", "access_log_middleware", "stamp_request_id"]
+
+log = structlog.get_logger("sidegate.access")
+
+
+class RequestObserver(Protocol):
+    """Told of every answered request (metrics)."""
+
+    def record(self, endpoint: str, status: int, latency_s: float) -> None: ...
+
+
+def _client_request_id(value: str | None) -> str | None:
+    if value and len(value) <= 128 and value.isascii() and value.isprintable():
+        return value
+    return None
+
+
+def access_log_middleware(*, observer: RequestObserver | None = None) -> Middleware:
+    """Assign the request id, and log one line (and tell ``observer``) when the request ends.
+
+    The line holds: request id, method, path, status, latency; and, when routing made a
+    :class:`~sidegate.middlewares.contract.Call`, upstream, model, team, stream, attempts,
+    upstream status and latency, bytes sent. Never a header value, so never a credential.
+    """
+
+    @web.middleware
+    async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = _client_request_id(request.headers.get("x-request-id"))
+        request[REQUEST_ID_KEY] = request_id = request_id or os.urandom(12).hex()
+        started = time.perf_counter()
+        status = 500
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            finally:
+                latency = time.perf_counter() - started
+                _log(request, status, latency)
+                if observer is not None:
+                    resource = request.match_info.route.resource
+                    endpoint = resource.canonical if resource is not None else "unmatched"
+                    observer.record(endpoint, status, latency)
+
+    return access_log
+
+
+def _log(request: web.Request, status: int, latency: float) -> None:
+    call = request.get(CALL_KEY)
+    if call is None:
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            latency_ms=round(latency * 1000.0, 3),
+        )
+        return
+    route = call.route
+    log.info(
+        "request",
+        method=request.method,
+        path=request.path,
+        status=status,
+        latency_ms=round(latency * 1000.0, 3),
+        upstream=route.upstream,
+        model=route.public_model,
+        upstream_model=route.upstream_model,
+        team=call.principal.team if call.principal else None,
+        stream=call.stream,
+        attempts=call.attempts,
+        upstream_key=call.upstream_key_id,
+        upstream_status=call.upstream_status,
+        upstream_latency_ms=(
+            round(call.upstream_latency_ms, 3) if call.upstream_latency_ms is not None else None
+        ),
+        bytes_in=len(call.body),
+        bytes_out=call.bytes_out,
+    )
+
+
+async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` hook: every response, streamed ones too, carries x-request-id."""
+    request_id = request.get(REQUEST_ID_KEY)
+    if request_id is not None:
+        response.headers["x-request-id"] = request_id

@@ -1,0 +1,124 @@
+"""The app factory and its lifecycle: standalone, or mounted into an existing aiohttp app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from sidegate.config import load_config
+from sidegate.config.models import SidegateConfig
+from sidegate.middlewares.access_log import access_log_middleware, stamp_request_id
+from sidegate.middlewares.errors import SidegateError, error_middleware
+
+from . import handlers
+from .dialects import ENDPOINTS
+from .forward import forward_handler
+from .observability import Metrics
+from .reload import activate, watch_config_file
+from .routing import PASSTHROUGH
+from .state import RUNTIME_KEY, STATE_KEY, GatewayState
+
+__all__ = ["create_app", "setup"]
+
+_UPSTREAM_CONNECTIONS = 1024
+
+
+def create_app(config: SidegateConfig | str | os.PathLike[str]) -> web.Application:
+    """The sidegate aiohttp app for ``config`` (a loaded config, or the path of a YAML file).
+
+    Created from a path, the app reloads when the file changes (``server.watch_config``) and
+    from :func:`sidegate.proxy.reload.reload_config` (which ``sidegate serve`` calls on SIGHUP).
+    The upstream ``ClientSession`` and the built-in mocks live in ``cleanup_ctx``.
+    """
+    path = None if isinstance(config, SidegateConfig) else Path(config)
+    loaded = load_config(path) if path is not None else config
+    assert isinstance(loaded, SidegateConfig)
+    metrics = Metrics()
+    app = web.Application(
+        middlewares=[access_log_middleware(observer=metrics), error_middleware],
+        handler_args={"max_field_size": 65536},
+    )
+    router = app.router
+    endpoints = {router.add_route(e.method, e.path, forward_handler): e for e in ENDPOINTS}
+    endpoints[router.add_route("*", PASSTHROUGH.path, forward_handler)] = PASSTHROUGH
+    router.add_get("/v1/models", handlers.list_models, allow_head=False)
+    router.add_get("/v1/services", handlers.list_services, allow_head=False)
+    router.add_get("/v1/usage", handlers.local_usage, allow_head=False)
+    open_routes = frozenset(
+        {
+            router.add_get("/healthz", handlers.healthz),
+            router.add_get("/readyz", handlers.readyz),
+            router.add_get("/metrics", handlers.metrics),
+        }
+    )
+    state = GatewayState(
+        metrics=metrics, endpoints=endpoints, open_routes=open_routes, config_path=path
+    )
+    app[STATE_KEY] = state
+    app.middlewares.append(_dispatch(state))
+    app.on_response_prepare.append(stamp_request_id)
+    app.cleanup_ctx.append(_lifecycle(loaded))
+    return app
+
+
+def setup(
+    app: web.Application,
+    config: SidegateConfig | str | os.PathLike[str],
+    *,
+    prefix: str = "/llm",
+) -> web.Application:
+    """Mount sidegate into ``app`` under ``prefix``; returns the sidegate sub-application."""
+    gateway = create_app(config)
+    app.add_subapp(prefix, gateway)
+    return gateway
+
+
+def _dispatch(state: GatewayState) -> Middleware:
+    """Run the current runtime's policy chain (health, metrics and router errors bypass it)."""
+
+    @web.middleware
+    async def dispatch(request: web.Request, handler: Handler) -> web.StreamResponse:
+        match = request.match_info
+        if match.http_exception is not None or match.route in state.open_routes:
+            return await handler(request)
+        active = state.active
+        if active is None:
+            raise SidegateError("sidegate is not ready.", status=503, code="not_ready")
+        request[RUNTIME_KEY] = active.runtime
+        return await active.chain(request)
+
+    return dispatch
+
+
+def _lifecycle(
+    config: SidegateConfig,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        state = app[STATE_KEY]
+        connector = aiohttp.TCPConnector(limit=_UPSTREAM_CONNECTIONS, ttl_dns_cache=300)
+        state._session = aiohttp.ClientSession(
+            connector=connector, trust_env=False, skip_auto_headers=("User-Agent",)
+        )
+        watcher: asyncio.Task[None] | None = None
+        try:
+            await activate(app, config)
+            if state.config_path is not None and config.server.watch_config:
+                watcher = asyncio.create_task(watch_config_file(app))
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await state._session.close()
+            for runner in state.mock_runners:
+                await runner.cleanup()
+
+    return lifecycle

@@ -1,0 +1,99 @@
+"""The ``sidegate`` command: serve, check, schema, mock."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+import orjson
+import structlog
+from aiohttp import web
+
+from sidegate.config import ConfigError, config_json_schema, load_config
+
+from .app import create_app
+from .logs import configure_logging
+from .reload import reload_config
+
+__all__ = ["main"]
+
+log = structlog.get_logger("sidegate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidegate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="the YAML config file")
+    serve.add_argument("--host", help="overrides server.host")
+    serve.add_argument("--port", type=int, help="overrides server.port")
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    check = commands.add_parser("check", help="validate a config; exit 1 with every problem")
+    check.add_argument("--config", required=True)
+    commands.add_parser("schema", help="print the config's JSON Schema")
+    mock = commands.add_parser("mock", help="run a built-in mock upstream")
+    mock.add_argument("vendor", choices=["meridian", "meivan"])
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=9101)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "schema":
+        sys.stdout.write(orjson.dumps(config_json_schema(), option=orjson.OPT_INDENT_2).decode())
+        sys.stdout.write("\n")
+        return 0
+    if args.command == "check":
+        try:
+            load_config(args.config)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(f"{args.config}: ok")
+        return 0
+    if args.command == "mock":
+        from .mock import meivan_app, meridian_app
+
+        app = meridian_app() if args.vendor == "meridian" else meivan_app()
+        web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+        return 0
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    app = create_app(args.config)
+    app.on_startup.append(_on_sighup_reload)
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    log.info("serving", host=host, port=port, config=args.config)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        shutdown_timeout=config.server.shutdown_grace_s,
+        access_log=None,
+        print=None,
+    )
+    return 0
+
+
+async def _on_sighup_reload(app: web.Application) -> None:
+    tasks: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = asyncio.create_task(reload_config(app))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)

@@ -1,0 +1,141 @@
+"""Forwarding: one upstream exchange per call, streamed through without buffering.
+
+A response whose content type is ``text/event-stream`` is passed to the client chunk by chunk as
+it arrives; any other response is read whole (it is a JSON document) and sent on. Status, body and
+headers pass through, less hop-by-hop headers; upstream errors pass through unchanged. sidegate's
+own failures to reach the upstream become 502/504 envelopes that say which limit was hit.
+"""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import structlog
+from aiohttp import web
+from prometheus_client import Gauge
+
+from sidegate.middlewares.contract import CALL_KEY, Call
+from sidegate.middlewares.errors import UpstreamError
+
+from .headers import downstream_headers, upstream_headers
+from .runtime import UpstreamTarget
+from .state import RUNTIME_KEY, STATE_KEY
+
+__all__ = ["forward_handler"]
+
+log = structlog.get_logger(__name__)
+
+
+async def forward_handler(request: web.Request) -> web.StreamResponse:
+    """The handler behind every routed endpoint: send the :class:`Call` to its upstream."""
+    call = request[CALL_KEY]
+    target = request[RUNTIME_KEY].upstreams[call.route.upstream]
+    state = request.config_dict[STATE_KEY]
+    headers = upstream_headers(
+        request.headers, auth=target.auth, request_id=call.request_id, peer=request.remote
+    )
+    call.upstream_key_id = target.key_id
+    started = time.perf_counter()
+    try:
+        upstream = await state.session.request(
+            request.method,
+            target.url(call.route.upstream_path, request.rel_url.raw_query_string),
+            data=call.body or None,
+            headers=headers,
+            timeout=target.timeout,
+            allow_redirects=False,
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _upstream_failure(target, exc) from None
+    call.attempts += 1
+    call.upstream_status = upstream.status
+    call.upstream_latency_ms = (time.perf_counter() - started) * 1000.0
+    state.metrics.upstream_response(target.name, upstream.status)
+    try:
+        if upstream.content_type == "text/event-stream":
+            return await _stream(request, upstream, call, state.metrics.streams_in_flight)
+        try:
+            body = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _upstream_failure(target, exc) from None
+        call.bytes_out = len(body)
+        return web.Response(
+            status=upstream.status,
+            reason=upstream.reason,
+            body=body,
+            headers=downstream_headers(upstream.headers),
+        )
+    finally:
+        upstream.release()
+
+
+async def _stream(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    call: Call,
+    gauge: Gauge,
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=upstream.status, reason=upstream.reason, headers=downstream_headers(upstream.headers)
+    )
+    gauge.inc()
+    try:
+        await response.prepare(request)
+        reader = upstream.content
+        while True:
+            try:
+                chunk = await reader.readany()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("upstream_stream_broken", error=type(exc).__name__)
+                _end_abruptly(request)
+                return response
+            if not chunk:
+                break
+            try:
+                await response.write(chunk)
+            except ConnectionResetError:
+                log.info("client_disconnected", bytes_out=call.bytes_out)
+                upstream.close()
+                return response
+            call.bytes_out += len(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        gauge.dec()
+
+
+def _end_abruptly(request: web.Request) -> None:
+    """End a client stream without its terminating chunk, so the client sees it was cut."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+def _upstream_failure(target: UpstreamTarget, exc: BaseException) -> UpstreamError:
+    timeout = target.timeout
+    name = target.name
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamError(
+            f"The upstream {name!r} did not accept a connection within {timeout.sock_connect} s.",
+            status=504,
+            code="upstream_connect_timeout",
+        )
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return UpstreamError(
+            f"The upstream {name!r} sent nothing for {timeout.sock_read} s (read timeout).",
+            status=504,
+            code="upstream_read_timeout",
+        )
+    if isinstance(exc, TimeoutError):
+        return UpstreamError(
+            f"The upstream {name!r} did not finish within {timeout.total} s (total timeout).",
+            status=504,
+            code="upstream_timeout",
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError(f"The upstream {name!r} could not be reached.")
+    return UpstreamError(
+        f"The upstream {name!r} closed the connection or sent an invalid response.",
+        code="upstream_bad_response",
+    )

@@ -1,0 +1,60 @@
+"""Endpoints sidegate answers itself: listings from config, health, metrics."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from sidegate.middlewares.errors import NotFound
+
+from .dialects.meivan import services_page
+from .state import RUNTIME_KEY, STATE_KEY
+
+__all__ = ["healthz", "list_models", "list_services", "local_usage", "metrics", "readyz"]
+
+_JSON = "application/json"
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: Meridian models and aliases, as an OpenAI list."""
+    return web.Response(body=request[RUNTIME_KEY].models_body, content_type=_JSON)
+
+
+async def list_services(request: web.Request) -> web.Response:
+    """``GET /v1/services``: Meivan services and aliases, one cursor page at a time."""
+    page = services_page(request[RUNTIME_KEY].services, request.query)
+    return web.Response(body=orjson.dumps(page), content_type=_JSON)
+
+
+async def local_usage(request: web.Request) -> web.Response:
+    raise NotFound(
+        "sidegate does not report usage yet; an upstream's own usage is at "
+        "/upstreams/{name}/v1/usage.",
+        code="not_found",
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the process answers."""
+    return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: a config is loaded and the upstream session is open; 503 otherwise."""
+    state = request.config_dict[STATE_KEY]
+    active = state.active
+    session_open = state._session is not None and not state._session.closed
+    ready = active is not None and session_open
+    detail = {
+        "status": "ready" if ready else "not_ready",
+        "config_loaded_at": active.runtime.loaded_at if active else None,
+        "upstream_session_open": session_open,
+        "upstreams": sorted(active.runtime.upstreams) if active else [],
+    }
+    return web.Response(status=200 if ready else 503, body=orjson.dumps(detail), content_type=_JSON)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this app's registry."""
+    body = request.config_dict[STATE_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})

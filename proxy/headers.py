@@ -1,0 +1,82 @@
+"""Header handling on both legs: hop-by-hop stripping (RFC 9110 §7.6.1) and credential swapping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+__all__ = ["downstream_headers", "upstream_headers"]
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded upstream: the client's own credentials for sidegate, what sidegate recomputes,
+# and what only the client and sidegate share.
+_REQUEST_DROP = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "cookie",
+    "expect",
+    "accept-encoding",
+    "x-forwarded-for",
+    "x-request-id",
+}
+# Recomputed by sidegate for the client (the body is decompressed on the way through).
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
+
+
+def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
+    named: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        named.update(token.strip().lower() for token in value.split(","))
+    return named
+
+
+def _copy(headers: CIMultiDictProxy[str], drop: frozenset[str] | set[str]) -> CIMultiDict[str]:
+    extra = _connection_named(headers) if "Connection" in headers else ()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in drop or lower in extra:
+            continue
+        out.add(name, value)
+    return out
+
+
+def upstream_headers(
+    client: CIMultiDictProxy[str],
+    *,
+    auth: Iterable[tuple[str, str]],
+    request_id: str,
+    peer: str | None,
+) -> CIMultiDict[str]:
+    """The client's headers less hop-by-hop and credentials, plus sidegate's own."""
+    out = _copy(client, _REQUEST_DROP)
+    for name, value in auth:
+        out[name] = value
+    out["x-request-id"] = request_id
+    forwarded = ", ".join(client.getall("X-Forwarded-For", ()))
+    if peer:
+        forwarded = f"{forwarded}, {peer}" if forwarded else peer
+    if forwarded:
+        out["X-Forwarded-For"] = forwarded
+    return out
+
+
+def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Headers for the client: the upstream's, less hop-by-hop and what sidegate recomputes."""
+    return _copy(upstream, _RESPONSE_DROP)

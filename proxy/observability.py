@@ -1,0 +1,66 @@
+"""Metrics (Prometheus, one registry per app) and the health endpoints' bodies."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """sidegate's metrics, in a registry of their own (several apps may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter(
+            "sidegate_requests",
+            "Requests answered by sidegate, by endpoint and status.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "sidegate_request_duration_seconds",
+            "Time from request to the end of the response, by endpoint.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._upstream = Counter(
+            "sidegate_upstream_responses",
+            "Responses received from upstreams, by upstream and status.",
+            ["upstream", "status"],
+            registry=self.registry,
+        )
+        self.streams_in_flight = Gauge(
+            "sidegate_streams_in_flight",
+            "Streamed responses being passed through now.",
+            registry=self.registry,
+        )
+        self.config_reloads = Counter(
+            "sidegate_config_reloads",
+            "Config reloads, by result (applied or rejected).",
+            ["result"],
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
+
+    def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def record(self, endpoint: str, status: int, latency_s: float) -> None:
+        """One answered request (called by the access log middleware)."""
+        self._child(self._requests, endpoint, str(status)).inc()  # type: ignore[attr-defined]
+        self._child(self._latency, endpoint).observe(latency_s)  # type: ignore[attr-defined]
+
+    def upstream_response(self, upstream: str, status: int) -> None:
+        self._child(self._upstream, upstream, str(status)).inc()  # type: ignore[attr-defined]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,100 @@
+"""Activating a config: at start, on SIGHUP, and when the file changes.
+
+A new config is validated whole before anything changes; a valid one is swapped in atomically
+(requests in flight keep the runtime they started with), an invalid one is logged with every
+problem and the running config stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections.abc import Sequence
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from sidegate.config import ConfigError, load_config
+from sidegate.config.models import SidegateConfig
+
+from .mock import start_mock
+from .routing import route_middleware
+from .runtime import Runtime, build_runtime
+from .state import STATE_KEY, Active, GatewayState
+
+__all__ = ["activate", "reload_config", "watch_config_file"]
+
+log = structlog.get_logger(__name__)
+
+
+def _compose(middlewares: Sequence[Middleware], handler: Handler) -> Handler:
+    for middleware in reversed(middlewares):
+        handler = functools.partial(middleware, handler=handler)
+    return handler
+
+
+async def _route_handler(request: web.Request) -> web.StreamResponse:
+    return await request.match_info.handler(request)
+
+
+def build_chain(runtime: Runtime, state: GatewayState) -> Handler:
+    """The policy chain for one runtime, innermost the matched route's handler."""
+    middlewares = [
+        route_middleware(
+            runtime, state.endpoints, max_body_bytes=runtime.config.server.max_body_bytes
+        ),
+    ]
+    return _compose(middlewares, _route_handler)
+
+
+async def activate(app: web.Application, config: SidegateConfig) -> None:
+    """Build everything ``config`` needs and make it current in one assignment."""
+    state = app[STATE_KEY]
+    for name, upstream in config.upstreams.items():
+        if upstream.mock and name not in state.mock_urls:
+            runner, url, _ = await start_mock(upstream.kind)
+            state.mock_runners.append(runner)
+            state.mock_urls[name] = url
+    runtime = build_runtime(config, state.mock_urls)
+    state.active = Active(runtime, build_chain(runtime, state))
+
+
+async def reload_config(app: web.Application) -> bool:
+    """Reload from the file the app was created from; ``False`` (old config kept) if invalid."""
+    state = app[STATE_KEY]
+    if state.config_path is None:
+        raise RuntimeError("this sidegate app was not created from a config file")
+    try:
+        config = load_config(state.config_path)
+    except ConfigError as exc:
+        state.metrics.config_reloads.labels("rejected").inc()
+        log.error("config_reload_rejected", path=str(state.config_path), problems=str(exc))
+        return False
+    await activate(app, config)
+    state.metrics.config_reloads.labels("applied").inc()
+    log.info("config_reloaded", path=str(state.config_path))
+    return True
+
+
+def _signature(path: os.PathLike[str]) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+async def watch_config_file(app: web.Application) -> None:
+    """Poll the config file and reload when it changes (runs until cancelled)."""
+    state = app[STATE_KEY]
+    assert state.config_path is not None
+    seen = _signature(state.config_path)
+    while True:
+        interval = state.active.runtime.config.server.watch_interval_s if state.active else 1.0
+        await asyncio.sleep(interval)
+        current = _signature(state.config_path)
+        if current is not None and current != seen:
+            seen = current
+            await reload_config(app)

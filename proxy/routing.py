@@ -1,0 +1,170 @@
+"""Routing: each request resolved once, early, into a :class:`Call`.
+
+A JSON or multipart request goes to the upstream that serves the model its body names (``model``
+for Meridian, ``service_id`` for Meivan; ``/v1/embeddings`` takes either). An alias is renamed in
+the forwarded bytes and nowhere else. ``/upstreams/{name}/v1/...`` goes to one named upstream as is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_urldispatcher import AbstractRoute
+
+from sidegate.middlewares.contract import (
+    CALL_KEY,
+    PRINCIPAL_KEY,
+    REQUEST_ID_KEY,
+    Call,
+    EndpointKind,
+    Route,
+    Vendor,
+    parse_object,
+)
+from sidegate.middlewares.errors import BadRequest, NotFound, UnsupportedMediaType
+
+from .body import form_field_span, json_string_span, read_body, splice
+from .dialects import MODEL_FIELD, Endpoint
+from .paths import normalise_path
+from .runtime import ModelTarget, Runtime
+
+__all__ = ["PASSTHROUGH", "route_middleware"]
+
+PASSTHROUGH = Endpoint(
+    "*", "/upstreams/{name}/v1/{tail}", EndpointKind.PASSTHROUGH, frozenset(), "json"
+)
+
+
+def route_middleware(
+    runtime: Runtime, endpoints: Mapping[AbstractRoute, Endpoint], *, max_body_bytes: int
+) -> Middleware:
+    """Resolve every request to a routed endpoint into a :class:`Call` under ``CALL_KEY``.
+
+    Requests to other routes (listings, health) pass through untouched. Bad input is refused
+    here, before any upstream connection: 400 (path, JSON, missing field), 404 (unknown model or
+    upstream), 413 (body over ``max_body_bytes``), 415 (content type).
+    """
+
+    @web.middleware
+    async def routing(request: web.Request, handler: Handler) -> web.StreamResponse:
+        endpoint = endpoints.get(request.match_info.route)
+        if endpoint is None:
+            return await handler(request)
+        path = normalise_path(request.raw_path)
+        request_id = request.get(REQUEST_ID_KEY) or os.urandom(12).hex()
+        if endpoint is PASSTHROUGH:
+            call = await _passthrough(request, runtime, path, request_id, max_body_bytes)
+        else:
+            call = await _routed(request, runtime, endpoint, request_id, max_body_bytes)
+        call.principal = request.get(PRINCIPAL_KEY)
+        request[CALL_KEY] = call
+        return await handler(request)
+
+    return routing
+
+
+async def _passthrough(
+    request: web.Request, runtime: Runtime, path: str, request_id: str, limit: int
+) -> Call:
+    name = request.match_info["name"]
+    target = runtime.upstreams.get(name)
+    if target is None:
+        raise NotFound(f"There is no upstream named {name!r}.", code="upstream_not_found")
+    upstream_path = path[len("/upstreams/") + len(name) :]
+    body = await read_body(request, limit)
+    route = Route(target.name, target.vendor, EndpointKind.PASSTHROUGH, upstream_path)
+    return Call(request_id, route, body, request.headers.get("Content-Type", ""))
+
+
+async def _routed(
+    request: web.Request, runtime: Runtime, endpoint: Endpoint, request_id: str, limit: int
+) -> Call:
+    content_type = request.headers.get("Content-Type", "")
+    expected = "application/json" if endpoint.body == "json" else "multipart/form-data"
+    if request.content_type != expected:
+        raise UnsupportedMediaType(
+            f"{endpoint.path} takes {expected}, not {request.content_type or 'an empty type'}."
+        )
+    body = await read_body(request, limit)
+    payload: dict[str, Any] | None = None
+    if endpoint.body == "json":
+        payload = parse_object(body)
+        name, field = _json_model(payload, endpoint)
+        target = _resolve(runtime, name, field, endpoint)
+        if target.public != target.upstream_model:
+            body = _rename_json(body, payload, field, target.upstream_model)
+            payload[field] = target.upstream_model
+    else:
+        span = form_field_span(body, content_type, "model")
+        if span is None:
+            raise BadRequest("The form field 'model' is required.", param="model")
+        name = body[span[0] : span[1]].decode("utf-8", "replace")
+        target = _resolve(runtime, name, "model", endpoint)
+        if target.public != target.upstream_model:
+            body = splice(body, span, target.upstream_model.encode())
+    upstream = target.upstream
+    route = Route(
+        upstream.name,
+        upstream.vendor,
+        endpoint.kind,
+        endpoint.path,
+        target.public,
+        target.upstream_model,
+    )
+    stream = payload is not None and payload.get("stream") is True
+    return Call(request_id, route, body, content_type, stream=stream, _json=payload)
+
+
+def _json_model(payload: Mapping[str, Any], endpoint: Endpoint) -> tuple[str, str]:
+    fields = [MODEL_FIELD[vendor] for vendor in _FIELDS_FOR[endpoint.vendors]]
+    present = [field for field in fields if field in payload]
+    if not present:
+        raise BadRequest(f"The field '{fields[0]}' is required.", param=fields[0])
+    if len(present) > 1:
+        raise BadRequest(
+            f"Give either '{present[0]}' or '{present[1]}', not both.", param=present[1]
+        )
+    value = payload[present[0]]
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"'{present[0]}' must be a non-empty string.", param=present[0])
+    return value, present[0]
+
+
+_FIELDS_FOR = {
+    frozenset({Vendor.MERIDIAN}): (Vendor.MERIDIAN,),
+    frozenset({Vendor.MEIVAN}): (Vendor.MEIVAN,),
+    frozenset({Vendor.MERIDIAN, Vendor.MEIVAN}): (Vendor.MERIDIAN, Vendor.MEIVAN),
+}
+
+
+def _resolve(runtime: Runtime, name: str, field: str, endpoint: Endpoint) -> ModelTarget:
+    target = runtime.models.get(name)
+    if target is None:
+        kind = "service" if field == "service_id" else "model"
+        raise NotFound(f"The {kind} {name!r} does not exist.", param=field, code="model_not_found")
+    vendor = target.upstream.vendor
+    if vendor not in endpoint.vendors:
+        raise BadRequest(
+            f"{name!r} is served by {vendor.value}, which has no {endpoint.path}.",
+            param=field,
+            code="model_not_supported",
+        )
+    if MODEL_FIELD[vendor] != field:
+        raise BadRequest(
+            f"{name!r} is a {vendor.value} model: name it with '{MODEL_FIELD[vendor]}'.",
+            param=field,
+            code="model_not_supported",
+        )
+    return target
+
+
+def _rename_json(body: bytes, payload: dict[str, Any], field: str, new: str) -> bytes:
+    span = json_string_span(body, field)
+    if span is not None:
+        return splice(body, span, orjson.dumps(new))
+    return orjson.dumps({**payload, field: new})

@@ -1,0 +1,50 @@
+"""App and request state: typed keys, and the holder of the runtime that reloads swap."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp.web_urldispatcher import AbstractRoute
+
+from .dialects import Endpoint
+from .observability import Metrics
+from .runtime import Runtime
+
+__all__ = ["RUNTIME_KEY", "STATE_KEY", "Active", "GatewayState"]
+
+
+@dataclass(frozen=True, slots=True)
+class Active:
+    """A runtime and the policy chain built for it; swapped as one."""
+
+    runtime: Runtime
+    chain: Handler
+
+
+@dataclass(eq=False)
+class GatewayState:
+    """Everything one sidegate app owns; state that must outlive a reload lives here."""
+
+    metrics: Metrics
+    endpoints: Mapping[AbstractRoute, Endpoint]
+    open_routes: frozenset[AbstractRoute]
+    config_path: Path | None = None
+    active: Active | None = None
+    mock_urls: dict[str, str] = field(default_factory=dict)
+    mock_runners: list[web.AppRunner] = field(default_factory=list)
+    _session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("sidegate's upstream session is not open (app not started)")
+        return self._session
+
+
+STATE_KEY = web.AppKey("sidegate_state", GatewayState)
+RUNTIME_KEY = web.RequestKey("sidegate_runtime", Runtime)

@@ -1,0 +1,119 @@
+"""Shared fixtures: real mock upstreams on loopback and a sidegate in front of them."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from sidegate.config.models import SidegateConfig
+from sidegate.proxy.app import create_app
+from sidegate.proxy.mock import MOCK_STATE, MockState, meivan_app, meridian_app
+
+MERIDIAN_SECRET = "sk-upstream-meridian-0123456789abcdef"
+MEIVAN_SECRET = "mv-upstream-meivan-0123456789abcdef"
+
+
+@dataclass
+class Upstream:
+    server: TestServer
+    state: MockState
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+
+AiohttpServer = Callable[..., Awaitable[TestServer]]
+AiohttpClient = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+async def meridian(aiohttp_server: AiohttpServer) -> Upstream:
+    app = meridian_app()
+    return Upstream(await aiohttp_server(app), app[MOCK_STATE])
+
+
+@pytest.fixture
+async def meivan(aiohttp_server: AiohttpServer) -> Upstream:
+    app = meivan_app()
+    return Upstream(await aiohttp_server(app), app[MOCK_STATE])
+
+
+def base_config(meridian_url: str, meivan_url: str) -> dict[str, Any]:
+    """A config with both vendors, two aliases and the memory store."""
+    return {
+        "store": {"kind": "memory"},
+        "server": {"watch_config": False},
+        "upstreams": {
+            "meridian": {
+                "kind": "meridian",
+                "base_url": meridian_url,
+                "keys": [{"id": "primary", "secret": MERIDIAN_SECRET}],
+                "models": [
+                    "meridian-1",
+                    "meridian-1-turbo",
+                    "meridian-embed-3",
+                    "meridian-whisper-1",
+                    "meridian-image-1",
+                ],
+            },
+            "meivan": {
+                "kind": "meivan",
+                "base_url": meivan_url,
+                "keys": [{"id": "main", "secret": MEIVAN_SECRET}],
+                "models": [
+                    {
+                        "id": "llm.general.v1",
+                        "capabilities": ["chat", "json_mode"],
+                        "max_context_tokens": 128000,
+                        "regions": ["us-east-1"],
+                    },
+                    {"id": "embed.text.v1", "capabilities": ["embeddings"]},
+                ],
+            },
+        },
+        "models": {
+            "fast": {"upstream": "meridian", "model": "meridian-1-turbo"},
+            "whisper": {"upstream": "meridian", "model": "meridian-whisper-1"},
+            "general": {"upstream": "meivan", "model": "llm.general.v1"},
+        },
+    }
+
+
+GatewayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+def gateway_config(meridian: Upstream, meivan: Upstream) -> dict[str, Any]:
+    return base_config(meridian.url, meivan.url)
+
+
+@pytest.fixture
+def make_gateway(aiohttp_client: AiohttpClient, gateway_config: dict[str, Any]) -> GatewayFactory:
+    """Start sidegate (a real server on loopback) and return a client for it.
+
+    Keyword arguments are merged into the top level of the base config.
+    """
+
+    async def make(**overrides: Any) -> TestClient[web.Request, web.Application]:
+        config = SidegateConfig.model_validate({**gateway_config, **overrides})
+        return await aiohttp_client(create_app(config))
+
+    return make
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory) -> TestClient[web.Request, web.Application]:
+    return await make_gateway()
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
