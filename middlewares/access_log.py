@@ -55,7 +55,7 @@ def access_log_middleware(*, observer: RequestObserver | None = None) -> Middlew
                 return response
             finally:
                 latency = time.perf_counter() - started
-                _log(request, status, latency)
+                _log(request, request_id, status, latency)
                 if observer is not None:
                     resource = request.match_info.route.resource
                     endpoint = resource.canonical if resource is not None else "unmatched"
@@ -64,11 +64,12 @@ def access_log_middleware(*, observer: RequestObserver | None = None) -> Middlew
     return access_log
 
 
-def _log(request: web.Request, status: int, latency: float) -> None:
+def _log(request: web.Request, request_id: str, status: int, latency: float) -> None:
     call = request.get(CALL_KEY)
     if call is None:
         log.info(
             "request",
+            request_id=request_id,
             method=request.method,
             path=request.path,
             status=status,
@@ -78,6 +79,7 @@ def _log(request: web.Request, status: int, latency: float) -> None:
     route = call.route
     log.info(
         "request",
+        request_id=request_id,
         method=request.method,
         path=request.path,
         status=status,

@@ -1,0 +1,76 @@
+"""Access log, metrics and health endpoints."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
+
+from sidegate.proxy.mock import Fault
+from tests.conftest import MERIDIAN_SECRET, Upstream
+
+Client = TestClient[web.Request, web.Application]
+CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_one_access_log_line_per_request_with_the_call(
+    gateway: Client, meridian: Upstream
+) -> None:
+    with capture_logs() as logs:
+        response = await gateway.post(
+            "/v1/chat/completions",
+            json=CHAT,
+            headers={"x-request-id": "rid-1", "Authorization": "Bearer sg-client"},
+        )
+        await response.read()
+    lines = [entry for entry in logs if entry["event"] == "request"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["request_id"] == "rid-1"
+    assert (line["method"], line["path"], line["status"]) == ("POST", "/v1/chat/completions", 200)
+    assert (line["upstream"], line["model"], line["upstream_model"]) == (
+        "meridian",
+        "fast",
+        "meridian-1-turbo",
+    )
+    assert line["attempts"] == 1
+    assert line["upstream_status"] == 200
+    assert line["upstream_key"] == "primary"
+    assert line["bytes_out"] == len(await response.read())
+    assert line["latency_ms"] >= line["upstream_latency_ms"] > 0
+    flat = repr(logs)
+    assert MERIDIAN_SECRET not in flat
+    assert "sg-client" not in flat
+
+
+async def test_errors_are_logged_with_their_status(gateway: Client) -> None:
+    with capture_logs() as logs:
+        await gateway.get("/v1/nowhere")
+    (line,) = [entry for entry in logs if entry["event"] == "request"]
+    assert line["status"] == 404
+    assert "upstream" not in line
+
+
+async def test_metrics_count_requests_upstream_statuses_and_latency(
+    gateway: Client, meridian: Upstream
+) -> None:
+    await gateway.post("/v1/chat/completions", json=CHAT)
+    meridian.state.script(Fault(status=503), path="/v1/chat/completions")
+    await gateway.post("/v1/chat/completions", json=CHAT)
+    text = await (await gateway.get("/metrics")).text()
+    assert 'sidegate_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in text
+    assert 'sidegate_requests_total{endpoint="/v1/chat/completions",status="503"} 1.0' in text
+    assert 'sidegate_upstream_responses_total{status="503",upstream="meridian"} 1.0' in text
+    assert 'sidegate_request_duration_seconds_count{endpoint="/v1/chat/completions"} 2.0' in text
+    assert "sidegate_streams_in_flight 0.0" in text
+
+
+async def test_health_and_readiness(gateway: Client) -> None:
+    health = await gateway.get("/healthz")
+    assert (health.status, await health.json()) == (200, {"status": "ok"})
+    ready = await gateway.get("/readyz")
+    body = await ready.json()
+    assert ready.status == 200
+    assert body["status"] == "ready"
+    assert body["upstream_session_open"] is True
+    assert body["upstreams"] == ["meivan", "meridian"]
