@@ -1,0 +1,483 @@
+"""The ``sidegate`` command as a user runs it: check, schema, serve, SIGHUP, SIGTERM.
+
+Every server here is a real ``sidegate serve`` subprocess on a free loopback port. Waits on the
+process are bounded, and each subprocess is killed in a ``finally`` if it is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import pytest
+import yaml
+
+from sidegate.proxy.mock import Fault
+from tests.conftest import Upstream
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "examples" / "demo.yaml"
+SIDEGATE = Path(sys.executable).with_name("sidegate")
+
+READY_TIMEOUT_S = 30.0
+EXIT_TIMEOUT_S = 15.0
+POLL_TIMEOUT_S = 10.0
+RETRY_S = 0.05
+CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hello there"}]}
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
+
+
+def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, timeout=60, check=False, env=dict(os.environ)
+    )
+
+
+# -- check, schema, --help ---------------------------------------------------------------------
+
+
+def test_check_accepts_the_demo_config() -> None:
+    result = _run(str(SIDEGATE), "check", "--config", "examples/demo.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "examples/demo.yaml: ok"
+    assert result.stderr == ""
+
+
+BAD_CONFIG = """\
+server:
+  port: 99999
+  colour: blue
+store: {kind: memory}
+upstreams:
+  meridian:
+    kind: meridian
+    base_url: http://127.0.0.1:9
+    keys:
+      - {id: primary, secret: sk-literal-secret-0123456789, note: nope}
+      - {id: backup, secret: "${SIDEGATE_CLI_TEST_SECRET}"}
+    models: [meridian-1]
+models:
+  fast: {upstream: nowhere, model: meridian-1}
+"""
+ENV_SECRET = "sk-from-env-secret-9876543210"
+
+
+def test_check_lists_every_problem_with_file_and_line_and_no_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIDEGATE_CLI_TEST_SECRET", ENV_SECRET)
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD_CONFIG)
+    result = _run(str(SIDEGATE), "check", "--config", str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    expected = [
+        f"{path}:2: server.port: ",
+        f"{path}:3: server.colour: unknown key 'colour'",
+        f"{path}:10: upstreams.meridian.keys[0].note: unknown key 'note'",
+        f"{path}:14: models.fast.upstream: ",
+    ]
+    for prefix in expected:
+        assert sum(line.startswith(prefix) for line in lines) == 1, (prefix, result.stderr)
+    assert len(lines) == len(expected), result.stderr
+    output = result.stdout + result.stderr
+    assert "sk-literal-secret" not in output
+    assert ENV_SECRET not in output
+
+
+def test_check_of_a_missing_file_exits_1(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    result = _run(str(SIDEGATE), "check", "--config", str(missing))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{missing}: cannot read the config file")
+
+
+def test_schema_prints_the_config_json_schema() -> None:
+    result = _run(str(SIDEGATE), "schema")
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(result.stdout)
+    properties = schema["properties"]
+    for section in ("server", "store", "upstreams", "models", "pricing", "auth", "teams"):
+        assert section in properties, section
+    assert "upstreams" in schema["required"]
+    assert schema["additionalProperties"] is False
+    server_ref = properties["server"]["$ref"]
+    assert server_ref.startswith("#/$defs/")
+    server = schema["$defs"][server_ref.removeprefix("#/$defs/")]
+    assert {"host", "port", "shutdown_grace_s", "watch_config"} <= server["properties"].keys()
+
+
+def test_python_dash_m_sidegate_help(tmp_path: Path) -> None:
+    # From an unrelated directory: the import package, not the checkout, provides the command.
+    result = _run(sys.executable, "-m", "sidegate", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: sidegate")
+    for command in ("serve", "check", "schema", "mock"):
+        assert command in result.stdout
+
+
+def test_a_missing_command_is_a_usage_error() -> None:
+    result = _run(str(SIDEGATE))
+    assert result.returncode == 2
+    assert "usage: sidegate" in result.stderr
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def _open_logs(directory: Path) -> tuple[IO[bytes], IO[bytes]]:
+    return (directory / "stdout.log").open("wb"), (directory / "stderr.log").open("wb")
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _write_yaml(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` atomically, so a watcher never sees half a file."""
+    staging = path.with_name(path.name + ".new")
+    staging.write_text(yaml.safe_dump(data, sort_keys=False))
+    staging.replace(path)
+
+
+def _demo() -> dict[str, Any]:
+    data = yaml.safe_load(DEMO.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@dataclass
+class Served:
+    """A ``sidegate serve`` subprocess and what it wrote."""
+
+    proc: asyncio.subprocess.Process
+    port: int
+    directory: Path
+    session: aiohttp.ClientSession
+    answered: int = 0  # responses the test received, so access-log lines it caused
+    closed: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return _read(self.directory / "stdout.log") + _read(self.directory / "stderr.log")
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every log line, each of which must be one JSON object (``--log-format json``)."""
+        events = []
+        for line in self.output().splitlines():
+            if line.strip():
+                event = json.loads(line)
+                assert isinstance(event, dict), line
+                events.append(event)
+        return events
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with self.session.get(self.url + path) as response:
+            self.answered += 1
+            return response.status, await response.json()
+
+    async def post(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        response = await self.session.post(self.url + path, json=body)
+        self.answered += 1
+        await response.read()
+        return response
+
+    async def model_ids(self) -> set[str]:
+        status, body = await self.get("/v1/models")
+        assert status == 200, body
+        return {model["id"] for model in body["data"]}
+
+    async def wait_ready(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT_S
+        while True:
+            if self.proc.returncode is not None:
+                pytest.fail(f"sidegate exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                status, _ = await self.get("/readyz")
+            except aiohttp.ClientConnectionError:
+                status = None
+            if status == 200:
+                return
+            if loop.time() > deadline:
+                pytest.fail(f"sidegate not ready within {READY_TIMEOUT_S} s:\n{self.output()}")
+            await asyncio.sleep(RETRY_S)
+
+    async def wait_for_event(self, name: str) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + POLL_TIMEOUT_S
+        while True:
+            found = [event for event in self.events() if event.get("event") == name]
+            if found:
+                return found[-1]
+            if loop.time() > deadline:
+                pytest.fail(f"no {name!r} event within {POLL_TIMEOUT_S} s:\n{self.output()}")
+            await asyncio.sleep(RETRY_S)
+
+    async def wait_for_model(self, model: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + POLL_TIMEOUT_S
+        while model not in await self.model_ids():
+            if loop.time() > deadline:
+                pytest.fail(f"{model!r} not listed within {POLL_TIMEOUT_S} s:\n{self.output()}")
+            await asyncio.sleep(RETRY_S)
+
+    async def terminate(self) -> int:
+        """SIGTERM, then the exit status (bounded)."""
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), EXIT_TIMEOUT_S)
+
+
+@contextlib.asynccontextmanager
+async def serve(config: Path, port: int, directory: Path) -> AsyncIterator[Served]:
+    """Run ``sidegate serve`` until the block ends; ready (``/readyz`` 200) when it starts."""
+    stdout, stderr = _open_logs(directory)
+    proc = None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(SIDEGATE),
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--log-format",
+            "json",
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=REPO,
+            env=dict(os.environ),
+        )
+        async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+            served = Served(proc, port, directory, session)
+            await served.wait_ready()
+            yield served
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await asyncio.wait_for(proc.wait(), EXIT_TIMEOUT_S)
+        stdout.close()
+        stderr.close()
+
+
+async def test_serve_the_demo_logs_one_json_line_per_request_and_exits_0_on_sigterm(
+    tmp_path: Path, unused_tcp_port: int
+) -> None:
+    async with serve(DEMO, unused_tcp_port, tmp_path) as served:
+        response = await served.session.post(
+            served.url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": "cli-chat-1"}
+        )
+        served.answered += 1
+        assert response.status == 200
+        body = await response.json()
+        assert response.headers["x-request-id"] == "cli-chat-1"
+        assert body["object"] == "chat.completion"
+        assert body["model"] == "meridian-1-turbo"  # the alias, renamed on the way upstream
+        assert body["choices"][0]["message"]["content"]
+
+        requests = [event for event in served.events() if event["event"] == "request"]
+        assert len(requests) == served.answered
+        chat = [event for event in requests if event["request_id"] == "cli-chat-1"]
+        assert len(chat) == 1
+        line = chat[0]
+        assert line["method"] == "POST"
+        assert line["path"] == "/v1/chat/completions"
+        assert line["status"] == 200
+        assert line["upstream"] == "meridian"
+        assert line["model"] == "fast"
+        assert isinstance(line["latency_ms"], int | float)
+        assert line["latency_ms"] >= 0
+        ready = [event for event in requests if event["path"] == "/readyz"]
+        assert len(ready) == served.answered - 1
+        assert all(event["status"] == 200 and event["method"] == "GET" for event in ready)
+        assert len({event["request_id"] for event in requests}) == len(requests)
+
+        assert await served.terminate() == 0
+
+
+async def test_serve_with_an_invalid_config_exits_1_without_listening(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unused_tcp_port: int
+) -> None:
+    monkeypatch.setenv("SIDEGATE_CLI_TEST_SECRET", ENV_SECRET)
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD_CONFIG)
+    stdout, stderr = _open_logs(tmp_path)
+    proc = None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(SIDEGATE),
+            "serve",
+            "--config",
+            str(path),
+            "--port",
+            str(unused_tcp_port),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=dict(os.environ),
+        )
+        assert await asyncio.wait_for(proc.wait(), EXIT_TIMEOUT_S) == 1
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await asyncio.wait_for(proc.wait(), EXIT_TIMEOUT_S)
+        stdout.close()
+        stderr.close()
+    output = _read(tmp_path / "stderr.log")
+    assert f"{path}:2: server.port: " in output
+    assert f"{path}:14: models.fast.upstream: " in output
+    assert ENV_SECRET not in output
+    assert "sk-literal-secret" not in output
+
+
+# -- reload ----------------------------------------------------------------------------------------
+
+
+async def test_sighup_reloads_and_an_invalid_config_keeps_the_running_one(
+    tmp_path: Path, unused_tcp_port: int
+) -> None:
+    config = _demo()
+    config["server"]["watch_config"] = False  # only the signal reloads
+    path = tmp_path / "sidegate.yaml"
+    _write_yaml(path, config)
+    async with serve(path, unused_tcp_port, tmp_path) as served:
+        assert "fresh" not in await served.model_ids()
+        config["models"]["fresh"] = {"upstream": "meridian", "model": "meridian-1"}
+        _write_yaml(path, config)
+        served.proc.send_signal(signal.SIGHUP)
+        await served.wait_for_model("fresh")
+        assert (await served.wait_for_event("config_reloaded"))["path"] == str(path)
+        _, ready = await served.get("/readyz")
+        loaded_at = ready["config_loaded_at"]
+
+        response = await served.post("/v1/chat/completions", {**CHAT, "model": "fresh"})
+        assert response.status == 200
+        assert (await response.json())["model"] == "meridian-1"
+
+        broken = _demo()  # without `fresh`, and with two problems
+        broken["server"]["port"] = "not-a-port"
+        broken["models"]["stale"] = {"upstream": "nowhere", "model": "meridian-1"}
+        _write_yaml(path, broken)
+        served.proc.send_signal(signal.SIGHUP)
+        rejected = await served.wait_for_event("config_reload_rejected")
+        assert rejected["path"] == str(path)
+        assert rejected["level"] == "error"
+        assert "server.port" in rejected["problems"]
+        assert "models.stale.upstream" in rejected["problems"]
+
+        ids = await served.model_ids()
+        assert "fresh" in ids
+        assert "stale" not in ids
+        response = await served.post("/v1/chat/completions", {**CHAT, "model": "fresh"})
+        assert response.status == 200
+        status, ready = await served.get("/readyz")
+        assert status == 200
+        assert ready["config_loaded_at"] == loaded_at
+        assert served.proc.returncode is None
+        assert await served.terminate() == 0
+
+
+async def test_a_changed_file_is_reloaded_without_a_signal(
+    tmp_path: Path, unused_tcp_port: int
+) -> None:
+    config = _demo()
+    config["server"].update(watch_config=True, watch_interval_s=0.1)
+    path = tmp_path / "sidegate.yaml"
+    _write_yaml(path, config)
+    async with serve(path, unused_tcp_port, tmp_path) as served:
+        assert "watched" not in await served.model_ids()
+        config["models"]["watched"] = {"upstream": "meridian", "model": "meridian-1"}
+        _write_yaml(path, config)
+        await served.wait_for_model("watched")
+        response = await served.post("/v1/chat/completions", {**CHAT, "model": "watched"})
+        assert response.status == 200
+        assert (await response.json())["model"] == "meridian-1"
+        assert await served.terminate() == 0
+
+
+# -- graceful shutdown ---------------------------------------------------------------------------
+
+
+async def _refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    return False
+
+
+async def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections(
+    tmp_path: Path, unused_tcp_port: int, meridian: Upstream
+) -> None:
+    config = {
+        "server": {"shutdown_grace_s": 10, "watch_config": False},
+        "store": {"kind": "memory"},
+        "upstreams": {
+            "meridian": {
+                "kind": "meridian",
+                "base_url": meridian.url,
+                "keys": [{"id": "k", "secret": "sk-test"}],
+                "models": ["meridian-1"],
+            }
+        },
+    }
+    path = tmp_path / "sidegate.yaml"
+    _write_yaml(path, config)
+    meridian.state.script(Fault(pace_s=0.05), path="/v1/chat/completions")
+    body = {**CHAT, "model": "meridian-1", "stream": True}
+    async with serve(path, unused_tcp_port, tmp_path) as served:
+        response = await served.session.post(served.url + "/v1/chat/completions", json=body)
+        assert response.status == 200
+        assert response.content_type == "text/event-stream"
+        first = await asyncio.wait_for(response.content.readline(), POLL_TIMEOUT_S)
+        assert first.startswith(b"data: {")
+        assert meridian.state.open_streams == 1
+
+        served.proc.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + POLL_TIMEOUT_S
+        while not await _refused(unused_tcp_port):
+            assert loop.time() < deadline, "sidegate still accepts connections after SIGTERM"
+            await asyncio.sleep(0.01)
+
+        rest = await asyncio.wait_for(response.read(), POLL_TIMEOUT_S)
+        served.answered += 1
+        assert rest.endswith(b"data: [DONE]\n\n")
+        events = [first.strip(), *(line for line in rest.split(b"\n") if line)]
+        assert events[-1] == b"data: [DONE]"
+        chunks = [json.loads(event.removeprefix(b"data: ")) for event in events[:-1]]
+        deltas = [chunk["choices"][0]["delta"].get("content", "") for chunk in chunks]
+        assert len(deltas) == meridian.state.stream_chunks + 2  # role, words, finish
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        assert all(deltas[1:-1])
+
+        assert await asyncio.wait_for(served.proc.wait(), EXIT_TIMEOUT_S) == 0
+        assert meridian.state.disconnects == 0
+        received = meridian.state.received[-1]
+        assert received.headers["Authorization"] == "Bearer sk-test"
+        stream_lines = [
+            event
+            for event in served.events()
+            if event.get("event") == "request" and event["path"] == "/v1/chat/completions"
+        ]
+        assert len(stream_lines) == 1
+        assert stream_lines[0]["status"] == 200
+        assert stream_lines[0]["stream"] is True
