@@ -13,6 +13,7 @@ import base64
 import hashlib
 import sys
 from array import array
+from operator import itemgetter
 from typing import Any
 
 from .errors import ApiError
@@ -29,21 +30,24 @@ _VALUES: tuple[float, ...] = tuple((u - 65536 if u >= 32768 else u) / 32768.0 fo
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
-def _units(item: bytes, dimensions: int) -> array[int]:
+def _floats(item: bytes, dimensions: int) -> tuple[float, ...]:
     units = array("H", hashlib.shake_256(item).digest(2 * dimensions))
     if _BIG_ENDIAN:
         units.byteswap()
-    return units
+    if dimensions == 1:
+        return (_VALUES[units[0]],)
+    values: tuple[float, ...] = itemgetter(*units)(_VALUES)
+    return values
 
 
 def vector(item: bytes, dimensions: int) -> list[float]:
     """The embedding of the canonical ``item`` as floats."""
-    return list(map(_VALUES.__getitem__, _units(item, dimensions)))
+    return list(_floats(item, dimensions))
 
 
 def vector_base64(item: bytes, dimensions: int) -> str:
     """The embedding of the canonical ``item`` as base64 of little-endian float32s."""
-    floats = array("f", vector(item, dimensions))
+    floats = array("f", _floats(item, dimensions))
     if _BIG_ENDIAN:
         floats.byteswap()
     return base64.b64encode(floats.tobytes()).decode("ascii")

@@ -162,17 +162,7 @@ async def send_events(request: web.Request, events: Sequence[bytes]) -> web.Stre
     state.stream_opened()
     client_left = False
     try:
-        for i, event in enumerate(events):
-            if i == cut:
-                _abort(request)
-                return response
-            if i and pace > 0 and not await _linger(request, pace):
-                raise ConnectionResetError
-            await response.write(event)
-        if cut is not None and cut >= len(events):
-            _abort(request)
-            return response
-        await response.write_eof()
+        client_left = not await _write_events(request, response, events, pace, cut)
     except ConnectionError:
         client_left = True
     except asyncio.CancelledError:
@@ -181,3 +171,25 @@ async def send_events(request: web.Request, events: Sequence[bytes]) -> web.Stre
     finally:
         state.stream_closed(client_left=client_left)
     return response
+
+
+async def _write_events(
+    request: web.Request,
+    response: web.StreamResponse,
+    events: Sequence[bytes],
+    pace: float,
+    cut: int | None,
+) -> bool:
+    """Write ``events`` paced and cut as told; False when the client left during a pause."""
+    for i, event in enumerate(events):
+        if i == cut:
+            _abort(request)
+            return True
+        if i and pace > 0 and not await _linger(request, pace):
+            return False
+        await response.write(event)
+    if cut is None:
+        await response.write_eof()
+    else:
+        _abort(request)
+    return True
