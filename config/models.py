@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -169,13 +170,7 @@ class Price(Section):
     per_request: NonNegativeFloat | None = None
 
 
-class ApiKeyEntry(Section):
-    id: str
-    team: str
-    hash: str
-
-
-class JwtConfig(Section):
+class JwtConfig(Section):  # placeholder until config/auth.py lands
     issuer: str
     audience: str
     algorithms: list[str] = Field(min_length=1)
@@ -183,9 +178,42 @@ class JwtConfig(Section):
     team_claim: str = "team"
 
 
+class ApiKeyEntry(Section):
+    """A proxy-issued API key, stored as its hash only (``sidegate keys new`` prints both)."""
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    team: str = Field(min_length=1)
+    hash: str = Field(
+        pattern=r"^(sha256|hmac-sha256):[0-9a-f]{64}$",
+        description="sha256:<hex of SHA-256(key)>, or hmac-sha256:<hex> with auth.pepper.",
+    )
+    models: list[str] | None = Field(
+        default=None, description="A subset of the team's models; all of the team's if absent."
+    )
+    roles: list[str] = Field(default_factory=list, description="e.g. [admin]")
+    expires: AwareDatetime | None = Field(
+        default=None, description="After this instant the key is refused (give a time zone)."
+    )
+    disabled: bool = False
+
+
 class AuthConfig(Section):
+    pepper: SecretStr | None = Field(
+        default=None, description="Secret for hmac-sha256 key hashes (at least 16 bytes)."
+    )
     api_keys: list[ApiKeyEntry] = Field(default_factory=list)
     jwt: JwtConfig | None = None
+    metrics_role: str | None = Field(
+        default=None, description="Role needed for GET /metrics; open when absent."
+    )
+
+    @model_validator(mode="after")
+    def _pepper(self) -> AuthConfig:
+        if self.pepper is not None and len(self.pepper.get_secret_value().encode()) < 16:
+            raise ValueError("pepper must be at least 16 bytes")
+        if self.pepper is None and any(k.hash.startswith("hmac-") for k in self.api_keys):
+            raise ValueError("hmac-sha256 key hashes need auth.pepper")
+        return self
 
 
 class Budget(Section):

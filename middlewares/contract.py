@@ -58,6 +58,11 @@ class Principal:
     roles: frozenset[str] = frozenset()
     models: frozenset[str] | None = None
 
+    def may_use(self, public: str, upstream_model: str | None = None) -> bool:
+        """Whether the allowlist names the model, or the model an alias points at."""
+        allowed = self.models
+        return allowed is None or public in allowed or upstream_model in allowed
+
 
 @dataclass(frozen=True, slots=True)
 class Route:

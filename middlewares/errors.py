@@ -21,8 +21,10 @@ from aiohttp import web
 __all__ = [
     "BadRequest",
     "BodyTooLarge",
+    "Forbidden",
     "NotFound",
     "SidegateError",
+    "Unauthorized",
     "UnsupportedMediaType",
     "UpstreamError",
     "envelope",
@@ -85,6 +87,27 @@ class BodyTooLarge(SidegateError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class Unauthorized(SidegateError):
+    """No credential, or one sidegate does not accept (401, with ``WWW-Authenticate``)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(
+            message, code=code, headers={"WWW-Authenticate": 'Bearer realm="sidegate"'}
+        )
+
+
+class Forbidden(SidegateError):
+    """An authenticated caller asked for something it may not use (403)."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
 
 
 class UpstreamError(SidegateError):

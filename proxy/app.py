@@ -55,11 +55,14 @@ def create_app(config: SidegateConfig | str | os.PathLike[str]) -> web.Applicati
         {
             router.add_get("/healthz", handlers.healthz),
             router.add_get("/readyz", handlers.readyz),
-            router.add_get("/metrics", handlers.metrics),
         }
     )
     state = GatewayState(
-        metrics=metrics, endpoints=endpoints, open_routes=open_routes, config_path=path
+        metrics=metrics,
+        endpoints=endpoints,
+        open_routes=open_routes,
+        metrics_route=router.add_get("/metrics", handlers.metrics),
+        config_path=path,
     )
     app[STATE_KEY] = state
     app.middlewares.append(_dispatch(state))
@@ -81,7 +84,10 @@ def setup(
 
 
 def _dispatch(state: GatewayState) -> Middleware:
-    """Run the current runtime's policy chain (health, metrics and router errors bypass it)."""
+    """Run the current runtime's policy chain.
+
+    Health, router errors (404/405) and an open ``/metrics`` bypass it: they need no caller.
+    """
 
     @web.middleware
     async def dispatch(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -91,6 +97,8 @@ def _dispatch(state: GatewayState) -> Middleware:
         active = state.active
         if active is None:
             raise SidegateError("sidegate is not ready.", status=503, code="not_ready")
+        if match.route is state.metrics_route and active.runtime.config.auth.metrics_role is None:
+            return await handler(request)
         request[RUNTIME_KEY] = active.runtime
         return await active.chain(request)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Sequence
@@ -45,8 +46,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "schema":
-        sys.stdout.write(orjson.dumps(config_json_schema(), option=orjson.OPT_INDENT_2).decode())
-        sys.stdout.write("\n")
+        schema = orjson.dumps(config_json_schema(), option=orjson.OPT_INDENT_2).decode()
+        with contextlib.suppress(BrokenPipeError):
+            print(schema)
         return 0
     if args.command == "check":
         try:
@@ -81,7 +83,8 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=host,
         port=port,
-        shutdown_timeout=config.server.shutdown_grace_s,
+        # aiohttp reads 0 as "no limit"; a grace of 0 means "do not wait".
+        shutdown_timeout=max(config.server.shutdown_grace_s, 0.001),
         access_log=None,
         print=None,
     )

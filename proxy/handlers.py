@@ -5,8 +5,10 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from sidegate.middlewares.errors import NotFound
+from sidegate.middlewares.contract import PRINCIPAL_KEY, Vendor
+from sidegate.middlewares.errors import Forbidden, NotFound
 
+from .dialects import meivan, meridian
 from .dialects.meivan import services_page
 from .state import RUNTIME_KEY, STATE_KEY
 
@@ -16,13 +18,19 @@ _JSON = "application/json"
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: Meridian models and aliases, as an OpenAI list."""
-    return web.Response(body=request[RUNTIME_KEY].models_body, content_type=_JSON)
+    """``GET /v1/models``: the Meridian models and aliases the caller may use (OpenAI list)."""
+    runtime = request[RUNTIME_KEY]
+    targets = runtime.listing(Vendor.MERIDIAN, request.get(PRINCIPAL_KEY))
+    body = meridian.models_list((t.public for t in targets), created=int(runtime.loaded_at))
+    return web.Response(body=body, content_type=_JSON)
 
 
 async def list_services(request: web.Request) -> web.Response:
-    """``GET /v1/services``: Meivan services and aliases, one cursor page at a time."""
-    page = services_page(request[RUNTIME_KEY].services, request.query)
+    """``GET /v1/services``: the Meivan services and aliases the caller may use, paginated."""
+    targets = request[RUNTIME_KEY].listing(Vendor.MEIVAN, request.get(PRINCIPAL_KEY))
+    page = services_page(
+        [meivan.service(t.public, t.upstream.name, t.entry) for t in targets], request.query
+    )
     return web.Response(body=orjson.dumps(page), content_type=_JSON)
 
 
@@ -55,6 +63,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition of this app's registry."""
-    body = request.config_dict[STATE_KEY].metrics.render()
+    """Prometheus text exposition of this app's registry (``auth.metrics_role`` if set)."""
+    state = request.config_dict[STATE_KEY]
+    role = state.active.runtime.config.auth.metrics_role if state.active else None
+    if role is not None:
+        principal = request.get(PRINCIPAL_KEY)
+        if principal is None or role not in principal.roles:
+            raise Forbidden(f"/metrics needs the {role!r} role.", code="role_required")
+    body = state.metrics.render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})

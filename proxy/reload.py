@@ -18,6 +18,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from sidegate.config import ConfigError, load_config
 from sidegate.config.models import SidegateConfig
+from sidegate.middlewares.auth import auth_middleware
 
 from .mock import start_mock
 from .routing import route_middleware
@@ -42,6 +43,7 @@ async def _route_handler(request: web.Request) -> web.StreamResponse:
 def build_chain(runtime: Runtime, state: GatewayState) -> Handler:
     """The policy chain for one runtime, innermost the matched route's handler."""
     middlewares = [
+        auth_middleware(api_keys=runtime.api_keys, jwt=runtime.jwt, teams=runtime.team_models),
         route_middleware(
             runtime, state.endpoints, max_body_bytes=runtime.config.server.max_body_bytes
         ),

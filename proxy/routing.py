@@ -26,14 +26,22 @@ from sidegate.middlewares.contract import (
     Vendor,
     parse_object,
 )
-from sidegate.middlewares.errors import BadRequest, NotFound, UnsupportedMediaType
+from sidegate.middlewares.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 
 from .body import form_field_span, json_string_span, read_body, splice
 from .dialects import MODEL_FIELD, Endpoint
 from .paths import normalise_path
 from .runtime import ModelTarget, Runtime
 
-__all__ = ["PASSTHROUGH", "route_middleware"]
+__all__ = ["ADMIN_ROLE", "PASSTHROUGH", "route_middleware"]
+
+ADMIN_ROLE = "admin"
 
 PASSTHROUGH = Endpoint(
     "*", "/upstreams/{name}/v1/{tail}", EndpointKind.PASSTHROUGH, frozenset(), "json"
@@ -47,7 +55,9 @@ def route_middleware(
 
     Requests to other routes (listings, health) pass through untouched. Bad input is refused
     here, before any upstream connection: 400 (path, JSON, missing field), 404 (unknown model or
-    upstream), 413 (body over ``max_body_bytes``), 415 (content type).
+    upstream), 413 (body over ``max_body_bytes``), 415 (content type). So is what the caller may
+    not do: a model outside its allowlist (403 ``model_not_allowed``), ``/upstreams/...``
+    without the admin role (403 ``admin_required``), no Principal at all (401).
     """
 
     @web.middleware
@@ -56,12 +66,25 @@ def route_middleware(
         if endpoint is None:
             return await handler(request)
         path = normalise_path(request.raw_path)
+        principal = request.get(PRINCIPAL_KEY)
+        if principal is None:
+            raise Unauthorized("No API key was provided.")
         request_id = request.get(REQUEST_ID_KEY) or os.urandom(12).hex()
         if endpoint is PASSTHROUGH:
+            if ADMIN_ROLE not in principal.roles:
+                raise Forbidden("/upstreams/... needs the admin role.", code="admin_required")
             call = await _passthrough(request, runtime, path, request_id, max_body_bytes)
         else:
             call = await _routed(request, runtime, endpoint, request_id, max_body_bytes)
-        call.principal = request.get(PRINCIPAL_KEY)
+            route = call.route
+            assert route.public_model is not None
+            if not principal.may_use(route.public_model, route.upstream_model):
+                raise Forbidden(
+                    f"This caller may not use {route.public_model!r}.",
+                    param=MODEL_FIELD[route.vendor],
+                    code="model_not_allowed",
+                )
+        call.principal = principal
         request[CALL_KEY] = call
         return await handler(request)
 
@@ -75,7 +98,13 @@ async def _passthrough(
     target = runtime.upstreams.get(name)
     if target is None:
         raise NotFound(f"There is no upstream named {name!r}.", code="upstream_not_found")
-    upstream_path = path[len("/upstreams/") + len(name) :]
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else PASSTHROUGH.path
+    mount = canonical[: canonical.index("/upstreams/")]
+    if not path.startswith(mount + "/upstreams/"):
+        raise BadRequest("The request path is not a valid API path.", code="invalid_path")
+    rest = path[len(mount) + len("/upstreams/") :]
+    upstream_path = rest[rest.index("/") :]
     body = await read_body(request, limit)
     route = Route(target.name, target.vendor, EndpointKind.PASSTHROUGH, upstream_path)
     return Call(request_id, route, body, request.headers.get("Content-Type", ""))

@@ -9,15 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from yarl import URL
 
-from sidegate.config.models import SidegateConfig, Upstream
-from sidegate.middlewares.contract import Vendor
-
-from .dialects import meridian
+from sidegate.config.models import ModelEntry, SidegateConfig, Upstream
+from sidegate.middlewares.api_keys import ApiKey, ApiKeyTable
+from sidegate.middlewares.auth import TokenVerifier
+from sidegate.middlewares.contract import Principal, Vendor
 
 __all__ = ["ModelTarget", "Runtime", "UpstreamTarget", "build_runtime"]
 
@@ -51,6 +50,7 @@ class ModelTarget:
     public: str
     upstream: UpstreamTarget
     upstream_model: str
+    entry: ModelEntry
 
 
 @dataclass(eq=False)
@@ -58,10 +58,29 @@ class Runtime:
     config: SidegateConfig
     upstreams: dict[str, UpstreamTarget]
     models: dict[str, ModelTarget]
-    meridian_ids: tuple[str, ...]
-    services: tuple[dict[str, Any], ...]
-    models_body: bytes
+    api_keys: ApiKeyTable
+    jwt: TokenVerifier | None
+    team_models: dict[str, frozenset[str] | None]
+    secrets: frozenset[str]
     loaded_at: float = field(default_factory=time.time)
+    _listings: dict[tuple[Vendor, frozenset[str] | None], list[ModelTarget]] = field(
+        default_factory=dict
+    )
+
+    def listing(self, vendor: Vendor, principal: Principal | None) -> list[ModelTarget]:
+        """The models (Meridian) or services (Meivan) ``principal`` may use, in config order."""
+        key = (vendor, principal.models if principal is not None else None)
+        listed = self._listings.get(key)
+        if listed is None:
+            listed = [
+                target
+                for target in self.models.values()
+                if target.upstream.vendor is vendor
+                and (principal is None or principal.may_use(target.public, target.upstream_model))
+            ]
+            if len(self._listings) < 256:
+                self._listings[key] = listed
+        return listed
 
 
 def _target(name: str, upstream: Upstream, mock_urls: Mapping[str, str]) -> UpstreamTarget:
@@ -85,42 +104,54 @@ def _target(name: str, upstream: Upstream, mock_urls: Mapping[str, str]) -> Upst
 
 
 def build_runtime(config: SidegateConfig, mock_urls: Mapping[str, str]) -> Runtime:
-    """Derive routing tables and listings from ``config``; ``mock_urls`` serves ``mock: true``."""
+    """Derive routing tables, listings and auth tables from ``config``.
+
+    ``mock_urls`` gives the address of the built-in mock serving each ``mock: true`` upstream.
+    """
     upstreams = {
         name: _target(name, upstream, mock_urls) for name, upstream in config.upstreams.items()
     }
-    models: dict[str, ModelTarget] = {}
-    meridian_ids: list[str] = []
-    services: list[dict[str, Any]] = []
-    for name, upstream in config.upstreams.items():
-        for entry in upstream.models:
-            models[entry.id] = ModelTarget(entry.id, upstreams[name], entry.id)
-    for alias, spec in config.models.items():
-        models[alias] = ModelTarget(alias, upstreams[spec.upstream], spec.model)
     entries = {
         entry.id: entry for upstream in config.upstreams.values() for entry in upstream.models
     }
-    for public, target in models.items():
-        if target.upstream.vendor is Vendor.MERIDIAN:
-            meridian_ids.append(public)
-            continue
-        entry = entries[target.upstream_model]
-        services.append(
-            {
-                "service_id": public,
-                "provider": target.upstream.name,
-                "capabilities": list(entry.capabilities),
-                "max_context_tokens": entry.max_context_tokens,
-                "regions": list(entry.regions),
-            }
+    models: dict[str, ModelTarget] = {}
+    for name, upstream in config.upstreams.items():
+        for entry in upstream.models:
+            models[entry.id] = ModelTarget(entry.id, upstreams[name], entry.id, entry)
+    for alias, spec in config.models.items():
+        models[alias] = ModelTarget(
+            alias, upstreams[spec.upstream], spec.model, entries[spec.model]
         )
-    loaded_at = time.time()
+    auth = config.auth
+    pepper = auth.pepper.get_secret_value().encode() if auth.pepper is not None else None
+    api_keys = ApiKeyTable(
+        (
+            ApiKey(
+                id=key.id,
+                team=key.team,
+                digest=key.hash,
+                models=frozenset(key.models) if key.models is not None else None,
+                roles=frozenset(key.roles),
+                expires=key.expires,
+                disabled=key.disabled,
+            )
+            for key in auth.api_keys
+        ),
+        pepper=pepper,
+    )
+    team_models = {
+        name: frozenset(team.models) if team.models is not None else None
+        for name, team in config.teams.items()
+    }
+    secrets = {key.secret.get_secret_value() for u in config.upstreams.values() for key in u.keys}
+    if auth.pepper is not None:
+        secrets.add(auth.pepper.get_secret_value())
     return Runtime(
         config=config,
         upstreams=upstreams,
         models=models,
-        meridian_ids=tuple(meridian_ids),
-        services=tuple(services),
-        models_body=meridian.models_list(meridian_ids, created=int(loaded_at)),
-        loaded_at=loaded_at,
+        api_keys=api_keys,
+        jwt=None,
+        team_models=team_models,
+        secrets=frozenset(secrets),
     )

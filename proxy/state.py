@@ -33,6 +33,7 @@ class GatewayState:
     metrics: Metrics
     endpoints: Mapping[AbstractRoute, Endpoint]
     open_routes: frozenset[AbstractRoute]
+    metrics_route: AbstractRoute
     config_path: Path | None = None
     active: Active | None = None
     mock_urls: dict[str, str] = field(default_factory=dict)

@@ -11,11 +11,19 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidegate.config.models import SidegateConfig
+from sidegate.middlewares.api_keys import hash_key
 from sidegate.proxy.app import create_app
 from sidegate.proxy.mock import MOCK_STATE, MockState, meivan_app, meridian_app
 
 MERIDIAN_SECRET = "sk-upstream-meridian-0123456789abcdef"
 MEIVAN_SECRET = "mv-upstream-meivan-0123456789abcdef"
+ADMIN_KEY = "sg-test-admin-key-000000000000000000000000000001"
+SEARCH_KEY = "sg-test-search-key-00000000000000000000000000002"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+SEARCH = {"Authorization": f"Bearer {SEARCH_KEY}"}
+DEMO_KEY = "sg-demo-local-mock-only-not-a-secret-0000000000"  # examples/demo.yaml
+DEMO = {"Authorization": f"Bearer {DEMO_KEY}"}
+SEARCH_MODELS = ["meridian-1", "fast", "meridian-embed-3", "embed.text.v1"]
 
 
 @dataclass
@@ -45,9 +53,21 @@ async def meivan(aiohttp_server: AiohttpServer) -> Upstream:
 
 
 def base_config(meridian_url: str, meivan_url: str) -> dict[str, Any]:
-    """A config with both vendors, two aliases and the memory store."""
+    """Both vendors, three aliases, the memory store; an admin key and a narrower team's key."""
     return {
         "store": {"kind": "memory"},
+        "auth": {
+            "api_keys": [
+                {
+                    "id": "admin",
+                    "team": "platform",
+                    "hash": hash_key(ADMIN_KEY),
+                    "roles": ["admin"],
+                },
+                {"id": "search-prod", "team": "search", "hash": hash_key(SEARCH_KEY)},
+            ]
+        },
+        "teams": {"platform": {}, "search": {"models": SEARCH_MODELS}},
         "server": {"watch_config": False},
         "upstreams": {
             "meridian": {
@@ -101,10 +121,16 @@ def make_gateway(aiohttp_client: AiohttpClient, gateway_config: dict[str, Any]) 
     """
 
     async def make(**overrides: Any) -> TestClient[web.Request, web.Application]:
-        config = SidegateConfig.model_validate({**gateway_config, **overrides})
-        return await aiohttp_client(create_app(config))
+        return await gateway_client(aiohttp_client, {**gateway_config, **overrides})
 
     return make
+
+
+async def gateway_client(
+    aiohttp_client: AiohttpClient, config: dict[str, Any], headers: dict[str, str] = ADMIN
+) -> TestClient[web.Request, web.Application]:
+    """sidegate for ``config`` on loopback, and a client that sends ``headers`` (the admin key)."""
+    return await aiohttp_client(create_app(SidegateConfig.model_validate(config)), headers=headers)
 
 
 @pytest.fixture

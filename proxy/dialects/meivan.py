@@ -9,12 +9,24 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sidegate.config.models import ModelEntry
 from sidegate.middlewares.errors import BadRequest
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "services_page"]
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "service", "services_page"]
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
+
+
+def service(service_id: str, provider: str, entry: ModelEntry) -> dict[str, Any]:
+    """One service as Meivan describes it; the metadata comes from the config's model entry."""
+    return {
+        "service_id": service_id,
+        "provider": provider,
+        "capabilities": list(entry.capabilities),
+        "max_context_tokens": entry.max_context_tokens,
+        "regions": list(entry.regions),
+    }
 
 
 def _limit(raw: str | None) -> int:

@@ -34,7 +34,10 @@ EXAMPLE = textwrap.dedent("""\
       meridian-1: {input: 2.50, output: 10.00}
       meridian-embed-3: {input: 0.02}
     auth:
-      api_keys: [{id: search-prod, team: search, hash: "sha256:..."}]
+      api_keys:
+        - id: search-prod
+          team: search
+          hash: "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
       jwt: {issuer: "https://idp.example", audience: sidegate, algorithms: [RS256],
             jwks_url: "https://idp.example/jwks.json", team_claim: team}
     teams:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,8 +22,10 @@ import aiohttp
 import pytest
 import yaml
 
+from sidegate.middlewares.api_keys import hash_key
 from sidegate.proxy.mock import Fault
-from tests.conftest import Upstream
+from tests.conftest import DEMO as DEMO_HEADERS
+from tests.conftest import DEMO_KEY, Upstream
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "demo.yaml"
@@ -166,7 +168,6 @@ class Served:
     directory: Path
     session: aiohttp.ClientSession
     answered: int = 0  # responses the test received, so access-log lines it caused
-    closed: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -190,11 +191,12 @@ class Served:
             self.answered += 1
             return response.status, await response.json()
 
-    async def post(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        response = await self.session.post(self.url + path, json=body)
-        self.answered += 1
-        await response.read()
-        return response
+    async def post(
+        self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> tuple[aiohttp.ClientResponse, Any]:
+        async with self.session.post(self.url + path, json=body, headers=headers) as response:
+            self.answered += 1
+            return response, await response.json()
 
     async def model_ids(self) -> set[str]:
         status, body = await self.get("/v1/models")
@@ -263,7 +265,7 @@ async def serve(config: Path, port: int, directory: Path) -> AsyncIterator[Serve
             cwd=REPO,
             env=dict(os.environ),
         )
-        async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+        async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT, headers=DEMO_HEADERS) as session:
             served = Served(proc, port, directory, session)
             await served.wait_ready()
             yield served
@@ -279,12 +281,10 @@ async def test_serve_the_demo_logs_one_json_line_per_request_and_exits_0_on_sigt
     tmp_path: Path, unused_tcp_port: int
 ) -> None:
     async with serve(DEMO, unused_tcp_port, tmp_path) as served:
-        response = await served.session.post(
-            served.url + "/v1/chat/completions", json=CHAT, headers={"x-request-id": "cli-chat-1"}
+        response, body = await served.post(
+            "/v1/chat/completions", CHAT, headers={"x-request-id": "cli-chat-1"}
         )
-        served.answered += 1
         assert response.status == 200
-        body = await response.json()
         assert response.headers["x-request-id"] == "cli-chat-1"
         assert body["object"] == "chat.completion"
         assert body["model"] == "meridian-1-turbo"  # the alias, renamed on the way upstream
@@ -365,9 +365,9 @@ async def test_sighup_reloads_and_an_invalid_config_keeps_the_running_one(
         _, ready = await served.get("/readyz")
         loaded_at = ready["config_loaded_at"]
 
-        response = await served.post("/v1/chat/completions", {**CHAT, "model": "fresh"})
+        response, answer = await served.post("/v1/chat/completions", {**CHAT, "model": "fresh"})
         assert response.status == 200
-        assert (await response.json())["model"] == "meridian-1"
+        assert answer["model"] == "meridian-1"
 
         broken = _demo()  # without `fresh`, and with two problems
         broken["server"]["port"] = "not-a-port"
@@ -379,12 +379,13 @@ async def test_sighup_reloads_and_an_invalid_config_keeps_the_running_one(
         assert rejected["level"] == "error"
         assert "server.port" in rejected["problems"]
         assert "models.stale.upstream" in rejected["problems"]
+        assert all(line.startswith(f"{path}:") for line in rejected["problems"].splitlines())
 
         ids = await served.model_ids()
         assert "fresh" in ids
         assert "stale" not in ids
-        response = await served.post("/v1/chat/completions", {**CHAT, "model": "fresh"})
-        assert response.status == 200
+        response, answer = await served.post("/v1/chat/completions", {**CHAT, "model": "fresh"})
+        assert response.status == 200, answer
         status, ready = await served.get("/readyz")
         assert status == 200
         assert ready["config_loaded_at"] == loaded_at
@@ -404,9 +405,9 @@ async def test_a_changed_file_is_reloaded_without_a_signal(
         config["models"]["watched"] = {"upstream": "meridian", "model": "meridian-1"}
         _write_yaml(path, config)
         await served.wait_for_model("watched")
-        response = await served.post("/v1/chat/completions", {**CHAT, "model": "watched"})
+        response, answer = await served.post("/v1/chat/completions", {**CHAT, "model": "watched"})
         assert response.status == 200
-        assert (await response.json())["model"] == "meridian-1"
+        assert answer["model"] == "meridian-1"
         assert await served.terminate() == 0
 
 
@@ -416,7 +417,7 @@ async def test_a_changed_file_is_reloaded_without_a_signal(
 async def _refused(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
     writer.close()
     with contextlib.suppress(ConnectionError):
@@ -428,6 +429,8 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connection
     tmp_path: Path, unused_tcp_port: int, meridian: Upstream
 ) -> None:
     config = {
+        "auth": {"api_keys": [{"id": "demo", "team": "demo", "hash": hash_key(DEMO_KEY)}]},
+        "teams": {"demo": {}},
         "server": {"shutdown_grace_s": 10, "watch_config": False},
         "store": {"kind": "memory"},
         "upstreams": {
@@ -444,22 +447,25 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connection
     meridian.state.script(Fault(pace_s=0.05), path="/v1/chat/completions")
     body = {**CHAT, "model": "meridian-1", "stream": True}
     async with serve(path, unused_tcp_port, tmp_path) as served:
-        response = await served.session.post(served.url + "/v1/chat/completions", json=body)
-        assert response.status == 200
-        assert response.content_type == "text/event-stream"
-        first = await asyncio.wait_for(response.content.readline(), POLL_TIMEOUT_S)
-        assert first.startswith(b"data: {")
-        assert meridian.state.open_streams == 1
+        url = served.url + "/v1/chat/completions"
+        async with served.session.post(url, json=body) as response:
+            assert response.status == 200
+            assert response.content_type == "text/event-stream"
+            first = await asyncio.wait_for(response.content.readline(), POLL_TIMEOUT_S)
+            assert first.startswith(b"data: {")
+            assert meridian.state.open_streams == 1
 
-        served.proc.send_signal(signal.SIGTERM)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + POLL_TIMEOUT_S
-        while not await _refused(unused_tcp_port):
-            assert loop.time() < deadline, "sidegate still accepts connections after SIGTERM"
-            await asyncio.sleep(0.01)
+            served.proc.send_signal(signal.SIGTERM)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + POLL_TIMEOUT_S
+            while not await _refused(unused_tcp_port):
+                assert loop.time() < deadline, "sidegate still accepts connections after SIGTERM"
+                await asyncio.sleep(0.01)
+            # Refused while the upstream is still streaming: shutdown began mid-stream.
+            assert meridian.state.open_streams == 1
 
-        rest = await asyncio.wait_for(response.read(), POLL_TIMEOUT_S)
-        served.answered += 1
+            rest = await asyncio.wait_for(response.read(), POLL_TIMEOUT_S)
+            served.answered += 1
         assert rest.endswith(b"data: [DONE]\n\n")
         events = [first.strip(), *(line for line in rest.split(b"\n") if line)]
         assert events[-1] == b"data: [DONE]"
@@ -481,3 +487,36 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connection
         assert len(stream_lines) == 1
         assert stream_lines[0]["status"] == 200
         assert stream_lines[0]["stream"] is True
+
+
+async def test_a_zero_shutdown_grace_does_not_wait_for_streams(
+    tmp_path: Path, unused_tcp_port: int, meridian: Upstream
+) -> None:
+    config = {
+        "auth": {"api_keys": [{"id": "demo", "team": "demo", "hash": hash_key(DEMO_KEY)}]},
+        "teams": {"demo": {}},
+        "server": {"shutdown_grace_s": 0, "watch_config": False},
+        "store": {"kind": "memory"},
+        "upstreams": {
+            "meridian": {
+                "kind": "meridian",
+                "base_url": meridian.url,
+                "keys": [{"id": "k", "secret": "sk-test"}],
+                "models": ["meridian-1"],
+            }
+        },
+    }
+    path = tmp_path / "sidegate.yaml"
+    _write_yaml(path, config)
+    meridian.state.script(Fault(pace_s=0.5), path="/v1/chat/completions")  # ~5 s in all
+    body = {**CHAT, "model": "meridian-1", "stream": True}
+    async with serve(path, unused_tcp_port, tmp_path) as served:
+        url = served.url + "/v1/chat/completions"
+        async with served.session.post(url, json=body) as response:
+            assert response.status == 200
+            first = await asyncio.wait_for(response.content.readline(), POLL_TIMEOUT_S)
+            assert first.startswith(b"data: {")
+            served.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(served.proc.wait(), 2.0) == 0
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(response.read(), POLL_TIMEOUT_S)

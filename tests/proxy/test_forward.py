@@ -14,6 +14,8 @@ from sidegate.config.models import SidegateConfig
 from sidegate.proxy.app import create_app
 from sidegate.proxy.mock import Fault
 from tests.conftest import (
+    ADMIN,
+    ADMIN_KEY,
     MERIDIAN_SECRET,
     AiohttpClient,
     AiohttpServer,
@@ -33,7 +35,7 @@ async def test_client_credentials_are_replaced_and_hop_by_hop_stripped(
         "/v1/chat/completions",
         json=CHAT,
         headers={
-            "Authorization": "Bearer sg-client-secret",
+            "Authorization": f"Bearer {ADMIN_KEY}",
             "api-key": "client-api-key",
             "x-api-key": "client-x-api-key",
             "Cookie": "session=abc",
@@ -123,7 +125,7 @@ async def test_upstream_hop_by_hop_response_headers_are_stripped(
         return response
 
     _, config = await _custom_upstream(aiohttp_server, handler)
-    client = await aiohttp_client(create_app(SidegateConfig.model_validate(config)))
+    client = await aiohttp_client(create_app(SidegateConfig.model_validate(config)), headers=ADMIN)
     response = await client.post("/v1/chat/completions", json=CHAT)
     assert response.status == 200
     for name in ("X-Upstream-Hop", "Keep-Alive", "Proxy-Authenticate", "Upgrade"):
@@ -227,8 +229,8 @@ async def test_gateway_sessions_are_independent_per_app(
     aiohttp_client: AiohttpClient, meridian: Upstream, meivan: Upstream
 ) -> None:
     config = SidegateConfig.model_validate(base_config(meridian.url, meivan.url))
-    first = await aiohttp_client(create_app(config))
-    second = await aiohttp_client(create_app(config))
+    first = await aiohttp_client(create_app(config), headers=ADMIN)
+    second = await aiohttp_client(create_app(config), headers=ADMIN)
     responses = await asyncio.gather(
         first.post("/v1/chat/completions", json=CHAT),
         second.post("/v1/chat/completions", json=CHAT),

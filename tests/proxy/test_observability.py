@@ -7,7 +7,7 @@ from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
 from sidegate.proxy.mock import Fault
-from tests.conftest import MERIDIAN_SECRET, Upstream
+from tests.conftest import ADMIN_KEY, MERIDIAN_SECRET, Upstream
 
 Client = TestClient[web.Request, web.Application]
 CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}
@@ -20,7 +20,7 @@ async def test_one_access_log_line_per_request_with_the_call(
         response = await gateway.post(
             "/v1/chat/completions",
             json=CHAT,
-            headers={"x-request-id": "rid-1", "Authorization": "Bearer sg-client"},
+            headers={"x-request-id": "rid-1", "Authorization": f"Bearer {ADMIN_KEY}"},
         )
         await response.read()
     lines = [entry for entry in logs if entry["event"] == "request"]
@@ -40,7 +40,7 @@ async def test_one_access_log_line_per_request_with_the_call(
     assert line["latency_ms"] >= line["upstream_latency_ms"] > 0
     flat = repr(logs)
     assert MERIDIAN_SECRET not in flat
-    assert "sg-client" not in flat
+    assert ADMIN_KEY not in flat
 
 
 async def test_errors_are_logged_with_their_status(gateway: Client) -> None:

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from sidegate.proxy.mock import Fault, vector
 from sidegate.proxy.mock.text import plan_completion
-from tests.conftest import Upstream
+from tests.conftest import ADMIN_KEY, Upstream
 
 Client = TestClient[web.Request, web.Application]
 MESSAGES = [
@@ -68,7 +68,7 @@ class Sdk:
 async def sdk(request: pytest.FixtureRequest, gateway: Client) -> AsyncIterator[Sdk]:
     options: dict[str, Any] = {
         "base_url": str(gateway.make_url("/v1")),
-        "api_key": "sk-anything",
+        "api_key": ADMIN_KEY,
         "max_retries": 0,
     }
     if request.param == "async":

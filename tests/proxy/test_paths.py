@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from sidegate.middlewares.errors import BadRequest
 from sidegate.proxy.paths import normalise_path
-from tests.conftest import Upstream
+from tests.conftest import ADMIN_KEY, Upstream
 
 Client = TestClient[web.Request, web.Application]
 
@@ -40,7 +40,7 @@ async def _raw_status(client: Client, method: str, target: str) -> int:
     try:
         writer.write(
             f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n"
-            "Connection: close\r\n\r\n".encode()
+            f"Authorization: Bearer {ADMIN_KEY}\r\nConnection: close\r\n\r\n".encode()
         )
         await writer.drain()
         status_line = await asyncio.wait_for(reader.readline(), timeout=5)

@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from sidegate.proxy import create_app, reload_config
 from sidegate.proxy.state import STATE_KEY
-from tests.conftest import AiohttpClient, AiohttpServer, Upstream, base_config
+from tests.conftest import ADMIN, AiohttpClient, AiohttpServer, Upstream, base_config
 
 CHAT = {"model": "meridian-1", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -34,7 +34,7 @@ async def test_valid_reload_swaps_and_invalid_reload_keeps_the_old_config(
     config = base_config(meridian.url, meivan.url)
     _write(path, config)
     app = create_app(path)
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(app, headers=ADMIN)
     assert "fresh" not in await _models(client)
 
     config["models"]["fresh"] = {"upstream": "meridian", "model": "meridian-1"}
@@ -79,12 +79,13 @@ async def test_requests_in_flight_finish_on_the_config_they_started_with(
     path = tmp_path / "sidegate.yaml"
     _write(path, config)
     app = create_app(path)
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(app, headers=ADMIN)
 
     in_flight = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
     await asyncio.wait_for(arrived.wait(), timeout=5)
     config["upstreams"]["meridian"]["models"] = ["meridian-2"]
     config["models"] = {}
+    config["teams"] = {"platform": {}}
     _write(path, config)
     assert await reload_config(app) is True
     release.set()

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 from sidegate.config.models import SidegateConfig
 from sidegate.proxy.app import create_app
 from sidegate.proxy.mock import Fault
-from tests.conftest import AiohttpClient, AiohttpServer, Upstream, base_config
+from tests.conftest import ADMIN, AiohttpClient, AiohttpServer, Upstream, base_config
 
 Client = TestClient[web.Request, web.Application]
 STREAM = {
@@ -59,7 +59,7 @@ async def _gated(
     app.router.add_post("/v1/chat/completions", upstream.handler)
     server = await aiohttp_server(app)
     config = base_config(str(server.make_url("")).rstrip("/"), "http://127.0.0.1:9")
-    client = await aiohttp_client(create_app(SidegateConfig.model_validate(config)))
+    client = await aiohttp_client(create_app(SidegateConfig.model_validate(config)), headers=ADMIN)
     return upstream, client
 
 
