@@ -40,6 +40,7 @@ def cross_check(data: object, secret: Collection[Loc]) -> list[Finding]:
     checker.models_and_keys()
     checker.aliases()
     checker.references()
+    checker.api_keys()
     return checker.findings
 
 
@@ -183,6 +184,60 @@ class _Checker:
         for model in pricing if isinstance(pricing, dict) else ():
             if isinstance(model, str) and model not in known:
                 self._unknown(("pricing", model), model, known)
+
+    def api_keys(self) -> None:
+        """A key belongs to a configured team; its models are known and among the team's."""
+        auth = self.data.get("auth")
+        keys = auth.get("api_keys") if isinstance(auth, dict) else None
+        if not isinstance(keys, list):
+            return
+        teams = self.data.get("teams")
+        teams = teams if isinstance(teams, dict) else {}
+        known = [*self.served, *(a for a in self.aliases_map if isinstance(a, str))]
+        ids: dict[object, int] = {}
+        hashes: dict[object, int] = {}
+        for index, key in enumerate(keys):
+            if not isinstance(key, dict):
+                continue
+            base: Loc = ("auth", "api_keys", index)
+            for field, seen in (("id", ids), ("hash", hashes)):
+                value = key.get(field)
+                if isinstance(value, str) and value in seen:
+                    self.findings.append(
+                        Finding(
+                            (*base, field),
+                            f"duplicate key {field} (also api_keys[{seen[value]}])",
+                        )
+                    )
+                elif isinstance(value, str):
+                    seen[value] = index
+            team = key.get("team")
+            if isinstance(team, str) and team not in teams:
+                configured = ", ".join(str(name) for name in teams) or "none"
+                self.findings.append(
+                    Finding(
+                        (*base, "team"),
+                        f"team {self.show((*base, 'team'), team)} is not configured under "
+                        f"teams (configured: {configured})",
+                    )
+                )
+                continue
+            self._key_models(base, key.get("models"), teams.get(team), known)
+
+    def _key_models(self, base: Loc, models: object, team: object, known: list[str]) -> None:
+        if not isinstance(models, list):
+            return
+        team_models = team.get("models") if isinstance(team, dict) else None
+        for index, model in enumerate(models):
+            loc = (*base, "models", index)
+            if not isinstance(model, str):
+                continue
+            if self.complete and model not in known:
+                self._unknown(loc, model, known)
+            elif isinstance(team_models, list) and model not in team_models:
+                self.findings.append(
+                    Finding(loc, f"{self.show(loc, model)} is not among the team's models")
+                )
 
     def _unknown(self, loc: Loc, name: str, known: list[str]) -> None:
         message = (

@@ -25,7 +25,7 @@ from .reload import activate, watch_config_file
 from .routing import PASSTHROUGH
 from .state import RUNTIME_KEY, STATE_KEY, GatewayState
 
-__all__ = ["create_app", "setup"]
+__all__ = ["create_app", "held_secrets", "setup"]
 
 _UPSTREAM_CONNECTIONS = 1024
 
@@ -51,17 +51,17 @@ def create_app(config: SidegateConfig | str | os.PathLike[str]) -> web.Applicati
     router.add_get("/v1/models", handlers.list_models, allow_head=False)
     router.add_get("/v1/services", handlers.list_services, allow_head=False)
     router.add_get("/v1/usage", handlers.local_usage, allow_head=False)
-    open_routes = frozenset(
+    open_resources = frozenset(
         {
-            router.add_get("/healthz", handlers.healthz),
-            router.add_get("/readyz", handlers.readyz),
+            router.add_get("/healthz", handlers.healthz).resource,
+            router.add_get("/readyz", handlers.readyz).resource,
         }
     )
     state = GatewayState(
         metrics=metrics,
         endpoints=endpoints,
-        open_routes=open_routes,
-        metrics_route=router.add_get("/metrics", handlers.metrics),
+        open_resources=open_resources,
+        metrics_resource=router.add_get("/metrics", handlers.metrics).resource,
         config_path=path,
     )
     app[STATE_KEY] = state
@@ -83,6 +83,12 @@ def setup(
     return gateway
 
 
+def held_secrets(app: web.Application) -> frozenset[str]:
+    """The secret values the app's current config holds (for the log redactor)."""
+    active = app[STATE_KEY].active
+    return active.runtime.secrets if active is not None else frozenset()
+
+
 def _dispatch(state: GatewayState) -> Middleware:
     """Run the current runtime's policy chain.
 
@@ -92,12 +98,13 @@ def _dispatch(state: GatewayState) -> Middleware:
     @web.middleware
     async def dispatch(request: web.Request, handler: Handler) -> web.StreamResponse:
         match = request.match_info
-        if match.http_exception is not None or match.route in state.open_routes:
+        resource = match.route.resource
+        if match.http_exception is not None or resource in state.open_resources:
             return await handler(request)
         active = state.active
         if active is None:
             raise SidegateError("sidegate is not ready.", status=503, code="not_ready")
-        if match.route is state.metrics_route and active.runtime.config.auth.metrics_role is None:
+        if resource is state.metrics_resource and active.runtime.config.auth.metrics_role is None:
             return await handler(request)
         request[RUNTIME_KEY] = active.runtime
         return await active.chain(request)

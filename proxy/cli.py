@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
 
 import orjson
 import structlog
+import yaml
 from aiohttp import web
 
 from sidegate.config import ConfigError, config_json_schema, load_config
+from sidegate.middlewares.api_keys import hash_key, new_key
 
-from .app import create_app
+from .app import create_app, held_secrets
 from .logs import configure_logging
 from .reload import reload_config
 
@@ -36,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config; exit 1 with every problem")
     check.add_argument("--config", required=True)
     commands.add_parser("schema", help="print the config's JSON Schema")
+    keys = commands.add_parser("keys", help="manage proxy-issued API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_commands.add_parser("new", help="mint a key; prints it once, and its config line")
+    new.add_argument("--team", required=True)
+    new.add_argument("--id", help="the key's id in config and logs (default: <team>-<random>)")
+    new.add_argument("--role", action="append", default=[], help="a role, e.g. admin (repeatable)")
+    new.add_argument(
+        "--config", help="hash with this config's auth.pepper (hmac-sha256) instead of sha256"
+    )
     mock = commands.add_parser("mock", help="run a built-in mock upstream")
     mock.add_argument("vendor", choices=["meridian", "meivan"])
     mock.add_argument("--host", default="127.0.0.1")
@@ -58,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"{args.config}: ok")
         return 0
+    if args.command == "keys":
+        return _new_key(args)
     if args.command == "mock":
         from .mock import meivan_app, meridian_app
 
@@ -67,14 +81,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _serve(args)
 
 
+def _new_key(args: argparse.Namespace) -> int:
+    pepper = None
+    if args.config:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        if config.auth.pepper is None:
+            print(
+                f"{args.config}: auth.pepper is not set; omit --config for sha256", file=sys.stderr
+            )
+            return 1
+        pepper = config.auth.pepper.get_secret_value().encode()
+    key = new_key()
+    key_id = args.id or f"{args.team}-{secrets.token_hex(3)}"
+    entry: dict[str, object] = {"id": key_id, "team": args.team, "hash": hash_key(key, pepper)}
+    if args.role:
+        entry["roles"] = args.role
+    line = yaml.safe_dump(entry, default_flow_style=True, sort_keys=False, width=1 << 16).strip()
+    print(f"key: {key}")
+    print("  (shown once: give it to its owner now; sidegate keeps only the hash)")
+    print("add under auth.api_keys:")
+    print(f"  - {line}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level, args.log_format)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
     app = create_app(args.config)
+    configure_logging(args.log_level, args.log_format, secrets=lambda: held_secrets(app))
     app.on_startup.append(_on_sighup_reload)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port

@@ -60,6 +60,10 @@ async def forward_handler(request: web.Request) -> web.StreamResponse:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _upstream_failure(target, exc) from None
         call.bytes_out = len(body)
+        if upstream.status >= 400:
+            log.debug(
+                "upstream_error", upstream=target.name, status=upstream.status, body=body[:2048]
+            )
         return web.Response(
             status=upstream.status,
             reason=upstream.reason,

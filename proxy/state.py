@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from aiohttp.web_urldispatcher import AbstractRoute
+from aiohttp.web_urldispatcher import AbstractResource, AbstractRoute
 
 from .dialects import Endpoint
 from .observability import Metrics
@@ -32,8 +32,8 @@ class GatewayState:
 
     metrics: Metrics
     endpoints: Mapping[AbstractRoute, Endpoint]
-    open_routes: frozenset[AbstractRoute]
-    metrics_route: AbstractRoute
+    open_resources: frozenset[AbstractResource | None]
+    metrics_resource: AbstractResource | None
     config_path: Path | None = None
     active: Active | None = None
     mock_urls: dict[str, str] = field(default_factory=dict)

@@ -238,3 +238,19 @@ async def test_demo_meivan_service_is_not_a_chat_model(demo: Client) -> None:
     assert response.status == 400
     error = _assert_envelope(await response.json(), "model_not_supported")
     assert error["param"] == "model"
+
+
+# -- examples/own_routes_auth.py -------------------------------------------------------------------
+
+
+async def test_auth_middleware_alone_protects_an_apps_own_routes(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    example = _load_example("own_routes_auth")
+    client = await aiohttp_client(example.make_app())
+    assert (await client.get("/health")).status == 200
+    refused = await client.get("/whoami")
+    assert refused.status == 401
+    assert (await refused.json())["error"]["code"] == "invalid_api_key"
+    allowed = await client.get("/whoami", headers=DEMO)
+    assert await allowed.json() == {"team": "demo", "key": "demo"}
