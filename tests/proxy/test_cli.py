@@ -520,3 +520,50 @@ async def test_a_zero_shutdown_grace_does_not_wait_for_streams(
             assert await asyncio.wait_for(served.proc.wait(), 2.0) == 0
             with pytest.raises(aiohttp.ClientPayloadError):
                 await asyncio.wait_for(response.read(), POLL_TIMEOUT_S)
+
+
+def test_keys_new_prints_a_key_once_and_the_config_line_with_its_hash(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            str(SIDEGATE),
+            "keys",
+            "new",
+            "--team",
+            "search",
+            "--id",
+            "search-prod",
+            "--role",
+            "admin",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    lines = result.stdout.splitlines()
+    key = lines[0].removeprefix("key: ")
+    assert key.startswith("sg-")
+    assert result.stdout.count(key) == 1
+    entry = yaml.safe_load(lines[-1].strip())[0]
+    assert entry == {
+        "id": "search-prod",
+        "team": "search",
+        "hash": hash_key(key),
+        "roles": ["admin"],
+    }
+    config = tmp_path / "peppered.yaml"
+    config.write_text(
+        "upstreams: {m: {kind: meridian, mock: true, models: [m-1]}}\n"
+        "auth: {pepper: pepper-0123456789abcdef}\n"
+    )
+    peppered = subprocess.run(
+        [str(SIDEGATE), "keys", "new", "--team", "t", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    out = peppered.stdout.splitlines()
+    entry = yaml.safe_load(out[-1].strip())[0]
+    assert entry["hash"] == hash_key(out[0].removeprefix("key: "), b"pepper-0123456789abcdef")
+    assert entry["id"].startswith("t-")
