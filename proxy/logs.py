@@ -22,12 +22,14 @@ def configure_logging(
     *,
     secrets: Callable[[], Collection[str]] = tuple,
     stream: TextIO | None = None,
+    cache: bool = True,
 ) -> None:
     """JSON lines (one per event) when not on a TTY or when asked; readable console otherwise.
 
     Every event passes :func:`~sidegate.middlewares.redact.redact_secrets` (with ``secrets``, the
     values sidegate holds) after tracebacks are rendered, so no credential reaches the output.
-    Tracebacks never include local variables.
+    Tracebacks never include local variables. ``cache=False`` keeps loggers reconfigurable
+    (tests); a server caches each logger on first use.
     """
     out = stream if stream is not None else sys.stderr
     console = fmt == "console" or (fmt == "auto" and out.isatty())
@@ -53,7 +55,7 @@ def configure_logging(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(out),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     # Lines from the standard library's logging (aiohttp's own) take the same way out.
     handler = logging.StreamHandler(out)

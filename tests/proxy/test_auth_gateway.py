@@ -184,7 +184,9 @@ async def test_a_debug_cycle_with_upstream_errors_logs_no_secret(
         "models": ["leaky-1"],
     }
     app = create_app(SidegateConfig.model_validate(config))
-    configure_logging("debug", "json", secrets=lambda: held_secrets(app), stream=log_output)
+    configure_logging(
+        "debug", "json", secrets=lambda: held_secrets(app), stream=log_output, cache=False
+    )
     client = await aiohttp_client(app)
 
     meridian.state.script(Fault(status=429, retry_after=1), Fault(status=500), Fault(status=503))

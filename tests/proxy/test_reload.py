@@ -85,7 +85,7 @@ async def test_requests_in_flight_finish_on_the_config_they_started_with(
     await asyncio.wait_for(arrived.wait(), timeout=5)
     config["upstreams"]["meridian"]["models"] = ["meridian-2"]
     config["models"] = {}
-    config["teams"] = {"platform": {}}
+    config["teams"]["search"] = {"models": ["meridian-2"]}
     _write(path, config)
     assert await reload_config(app) is True
     release.set()
