@@ -26,6 +26,8 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from .auth import JwtConfig
+
 __all__ = [
     "Alias",
     "ApiKeyEntry",
@@ -168,14 +170,6 @@ class Price(Section):
     output: NonNegativeFloat | None = None
     per_image: NonNegativeFloat | None = None
     per_request: NonNegativeFloat | None = None
-
-
-class JwtConfig(Section):  # placeholder until config/auth.py lands
-    issuer: str
-    audience: str
-    algorithms: list[str] = Field(min_length=1)
-    jwks_url: AnyHttpUrl | None = None
-    team_claim: str = "team"
 
 
 class ApiKeyEntry(Section):

@@ -19,6 +19,7 @@ from aiohttp.typedefs import Handler, Middleware
 from sidegate.config import ConfigError, load_config
 from sidegate.config.models import SidegateConfig
 from sidegate.middlewares.auth import auth_middleware
+from sidegate.middlewares.jwt_verify import JwtVerifier
 
 from .mock import start_mock
 from .routing import route_middleware
@@ -59,8 +60,19 @@ async def activate(app: web.Application, config: SidegateConfig) -> None:
             runner, url, _ = await start_mock(upstream.kind)
             state.mock_runners.append(runner)
             state.mock_urls[name] = url
-    runtime = build_runtime(config, state.mock_urls)
+    runtime = build_runtime(config, state.mock_urls, jwt=_verifier(state, config))
     state.active = Active(runtime, build_chain(runtime, state))
+
+
+def _verifier(state: GatewayState, config: SidegateConfig) -> JwtVerifier | None:
+    """The JWT verifier for ``config``: kept across reloads (with its JWKS cache) if unchanged."""
+    settings = config.auth.jwt
+    if settings is None:
+        state.jwt = None
+        return None
+    if state.jwt is None or state.jwt[0] != settings:
+        state.jwt = (settings, JwtVerifier(settings, session_factory=lambda: state.session))
+    return state.jwt[1]
 
 
 async def reload_config(app: web.Application) -> bool:

@@ -103,10 +103,13 @@ def _target(name: str, upstream: Upstream, mock_urls: Mapping[str, str]) -> Upst
     )
 
 
-def build_runtime(config: SidegateConfig, mock_urls: Mapping[str, str]) -> Runtime:
+def build_runtime(
+    config: SidegateConfig, mock_urls: Mapping[str, str], *, jwt: TokenVerifier | None = None
+) -> Runtime:
     """Derive routing tables, listings and auth tables from ``config``.
 
-    ``mock_urls`` gives the address of the built-in mock serving each ``mock: true`` upstream.
+    ``mock_urls`` gives the address of the built-in mock serving each ``mock: true`` upstream;
+    ``jwt`` verifies tokens when ``auth.jwt`` is configured.
     """
     upstreams = {
         name: _target(name, upstream, mock_urls) for name, upstream in config.upstreams.items()
@@ -146,12 +149,14 @@ def build_runtime(config: SidegateConfig, mock_urls: Mapping[str, str]) -> Runti
     secrets = {key.secret.get_secret_value() for u in config.upstreams.values() for key in u.keys}
     if auth.pepper is not None:
         secrets.add(auth.pepper.get_secret_value())
+    if auth.jwt is not None and auth.jwt.secret is not None:
+        secrets.add(auth.jwt.secret.get_secret_value())
     return Runtime(
         config=config,
         upstreams=upstreams,
         models=models,
         api_keys=api_keys,
-        jwt=None,
+        jwt=jwt,
         team_models=team_models,
         secrets=frozenset(secrets),
     )

@@ -11,6 +11,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractResource, AbstractRoute
 
+from sidegate.config.auth import JwtConfig
+from sidegate.middlewares.jwt_verify import JwtVerifier
+
 from .dialects import Endpoint
 from .observability import Metrics
 from .runtime import Runtime
@@ -38,6 +41,7 @@ class GatewayState:
     active: Active | None = None
     mock_urls: dict[str, str] = field(default_factory=dict)
     mock_runners: list[web.AppRunner] = field(default_factory=list)
+    jwt: tuple[JwtConfig, JwtVerifier] | None = None
     _session: aiohttp.ClientSession | None = None
 
     @property

@@ -212,3 +212,59 @@ async def test_a_debug_cycle_with_upstream_errors_logs_no_secret(
         assert secret not in output
     assert re.search(r"sg-[A-Za-z0-9_-]{16,}", output) is None
     assert "[redacted]" in output
+
+
+async def test_jwt_callers_through_the_gateway(
+    make_gateway: GatewayFactory, gateway_config: dict[str, Any], meridian: Upstream
+) -> None:
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    auth = {
+        **gateway_config["auth"],
+        "jwt": {
+            "issuer": "https://idp.example/",
+            "audience": "sidegate",
+            "algorithms": ["RS256"],
+            "public_key": public_pem,
+            "team_claim": "org.team",
+            "roles_claim": "realm_access.roles",
+        },
+    }
+    gateway = await make_gateway(auth=auth)
+
+    def token(**claims: Any) -> dict[str, str]:
+        payload = {
+            "iss": "https://idp.example/",
+            "aud": "sidegate",
+            "sub": "alice",
+            "exp": int(time.time()) + 300,
+            **claims,
+        }
+        return {"Authorization": f"Bearer {jwt.encode(payload, private, algorithm='RS256')}"}
+
+    search = token(org={"team": "search"}, realm_access={"roles": ["user"]})
+    models = await (await gateway.get("/v1/models", headers=search)).json()
+    assert [m["id"] for m in models["data"]] == ["meridian-1", "meridian-embed-3", "fast"]
+    assert (await gateway.post("/v1/chat/completions", json=CHAT, headers=search)).status == 200
+    refused = await gateway.get("/upstreams/meridian/v1/models", headers=search)
+    assert refused.status == 403
+    admin = token(org={"team": "platform"}, realm_access={"roles": ["admin"]})
+    assert (await gateway.get("/upstreams/meridian/v1/models", headers=admin)).status == 200
+    stranger = await gateway.get("/v1/models", headers=token(org={"team": "nobody"}))
+    assert stranger.status == 403
+    expired = await gateway.get(
+        "/v1/models", headers=token(org={"team": "search"}, exp=int(time.time()) - 600)
+    )
+    assert expired.status == 401
+    assert (await expired.json())["error"]["code"] == "invalid_token"
+    assert "invalid_token" in expired.headers["WWW-Authenticate"]
