@@ -27,6 +27,12 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from .auth import JwtConfig
+from .resilience import (
+    KeyRotationFields,
+    RateLimitHeadersConfig,
+    RetryConfig,
+    UpstreamRotationFields,
+)
 
 __all__ = [
     "Alias",
@@ -88,7 +94,7 @@ class RedisStore(Section):
 Store = Annotated[MemoryStore | SqliteStore | RedisStore, Field(discriminator="kind")]
 
 
-class UpstreamKey(Section):
+class UpstreamKey(Section, KeyRotationFields):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     secret: SecretStr
 
@@ -127,7 +133,7 @@ class ModelEntry(Section):
         return {"anyOf": [{"type": "string", "minLength": 1}, handler(core_schema)]}
 
 
-class Upstream(Section):
+class Upstream(Section, UpstreamRotationFields):
     kind: Literal["meridian", "meivan"]
     base_url: AnyHttpUrl | None = Field(
         default=None,
@@ -226,13 +232,6 @@ class Team(Section):
     models: list[str] | None = None
 
 
-class RetryConfig(Section):
-    max_attempts: PositiveInt = 4
-    base_delay_s: NonNegativeFloat = 0.25
-    max_delay_s: NonNegativeFloat = 8.0
-    deadline_s: PositiveFloat = 60.0
-
-
 class EmbeddingsCacheConfig(Section):
     ttl_s: PositiveInt = 86_400
     max_bytes: PositiveInt = 268_435_456
@@ -241,10 +240,6 @@ class EmbeddingsCacheConfig(Section):
 
 class CacheConfig(Section):
     embeddings: EmbeddingsCacheConfig | None = None
-
-
-class RateLimitHeadersConfig(Section):
-    mode: Literal["passthrough", "team", "strip"] = "passthrough"
 
 
 class SidegateConfig(Section):

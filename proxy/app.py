@@ -16,6 +16,7 @@ from sidegate.config import load_config
 from sidegate.config.models import SidegateConfig
 from sidegate.middlewares.access_log import access_log_middleware, stamp_request_id
 from sidegate.middlewares.errors import SidegateError, error_middleware
+from sidegate.middlewares.ratelimit_headers import ratelimit_headers_on_prepare
 
 from . import handlers
 from .dialects import ENDPOINTS
@@ -23,7 +24,7 @@ from .forward import forward_handler
 from .observability import Metrics
 from .reload import activate, watch_config_file
 from .routing import PASSTHROUGH
-from .state import RUNTIME_KEY, STATE_KEY, GatewayState
+from .state import ACTIVE_KEY, RUNTIME_KEY, STATE_KEY, GatewayState
 
 __all__ = ["create_app", "held_secrets", "setup"]
 
@@ -64,9 +65,11 @@ def create_app(config: SidegateConfig | str | os.PathLike[str]) -> web.Applicati
         metrics_resource=router.add_get("/metrics", handlers.metrics).resource,
         config_path=path,
     )
+    metrics.watch_keys(state.key_pools)
     app[STATE_KEY] = state
     app.middlewares.append(_dispatch(state))
     app.on_response_prepare.append(stamp_request_id)
+    app.on_response_prepare.append(ratelimit_headers_on_prepare)
     app.cleanup_ctx.append(_lifecycle(loaded))
     return app
 
@@ -107,6 +110,7 @@ def _dispatch(state: GatewayState) -> Middleware:
         if resource is state.metrics_resource and active.runtime.config.auth.metrics_role is None:
             return await handler(request)
         request[RUNTIME_KEY] = active.runtime
+        request[ACTIVE_KEY] = active
         return await active.chain(request)
 
     return dispatch

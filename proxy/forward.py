@@ -15,46 +15,69 @@ import structlog
 from aiohttp import web
 from prometheus_client import Gauge
 
-from sidegate.middlewares.contract import CALL_KEY, Call
-from sidegate.middlewares.errors import UpstreamError
+from sidegate.middlewares.contract import CALL_KEY, Call, Vendor
+from sidegate.middlewares.errors import SidegateError, UpstreamError
+from sidegate.middlewares.outbound import Outbound, outbound_scope
 
 from .headers import downstream_headers, upstream_headers
 from .runtime import UpstreamTarget
-from .state import RUNTIME_KEY, STATE_KEY
+from .state import ACTIVE_KEY, STATE_KEY
 
 __all__ = ["forward_handler"]
 
 log = structlog.get_logger(__name__)
 
+_MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
 
 async def forward_handler(request: web.Request) -> web.StreamResponse:
     """The handler behind every routed endpoint: send the :class:`Call` to its upstream."""
     call = request[CALL_KEY]
-    target = request[RUNTIME_KEY].upstreams[call.route.upstream]
+    active = request[ACTIVE_KEY]
+    target = active.runtime.upstreams[call.route.upstream]
     state = request.config_dict[STATE_KEY]
     headers = upstream_headers(
         request.headers, auth=target.auth, request_id=call.request_id, peer=request.remote
     )
-    call.upstream_key_id = target.key_id
+    outbound = Outbound(
+        upstream=target.name,
+        generate_idempotency_key=(
+            active.runtime.config.retry.generate_idempotency_key
+            and target.vendor is Vendor.MEIVAN
+            and request.method in _MUTATING
+        ),
+    )
     started = time.perf_counter()
     try:
-        upstream = await state.session.request(
-            request.method,
-            target.url(call.route.upstream_path, request.rel_url.raw_query_string),
-            data=call.body or None,
-            headers=headers,
-            timeout=target.timeout,
-            allow_redirects=False,
-        )
+        with outbound_scope(outbound):
+            upstream = await state.session.request(
+                request.method,
+                target.url(call.route.upstream_path, request.rel_url.raw_query_string),
+                data=call.body or None,
+                headers=headers,
+                timeout=target.timeout,
+                allow_redirects=False,
+                middlewares=active.client_middlewares,
+            )
+    except SidegateError as exc:
+        exc.headers.update(outbound.response_headers())
+        raise
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise _upstream_failure(target, exc) from None
-    call.attempts += 1
+        error = _upstream_failure(target, exc)
+        error.headers.update(outbound.response_headers())
+        raise error from None
+    finally:
+        call.attempts = outbound.attempts
+        call.upstream_key_id = outbound.key_id or target.key_id
     call.upstream_status = upstream.status
     call.upstream_latency_ms = (time.perf_counter() - started) * 1000.0
     state.metrics.upstream_response(target.name, upstream.status)
+    sidegate_headers = outbound.response_headers()
     try:
         if upstream.content_type == "text/event-stream":
-            return await _stream(request, upstream, call, state.metrics.streams_in_flight)
+            return await _stream(
+                request, upstream, call, sidegate_headers, state.metrics.streams_in_flight
+            )
         try:
             body = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -64,11 +87,10 @@ async def forward_handler(request: web.Request) -> web.StreamResponse:
             log.debug(
                 "upstream_error", upstream=target.name, status=upstream.status, body=body[:2048]
             )
+        response_headers = downstream_headers(upstream.headers)
+        response_headers.update(sidegate_headers)
         return web.Response(
-            status=upstream.status,
-            reason=upstream.reason,
-            body=body,
-            headers=downstream_headers(upstream.headers),
+            status=upstream.status, reason=upstream.reason, body=body, headers=response_headers
         )
     finally:
         upstream.release()
@@ -78,11 +100,12 @@ async def _stream(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     call: Call,
+    sidegate_headers: dict[str, str],
     gauge: Gauge,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
-        status=upstream.status, reason=upstream.reason, headers=downstream_headers(upstream.headers)
-    )
+    headers = downstream_headers(upstream.headers)
+    headers.update(sidegate_headers)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     gauge.inc()
     try:
         await response.prepare(request)

@@ -58,6 +58,10 @@ async def readyz(request: web.Request) -> web.Response:
         "config_loaded_at": active.runtime.loaded_at if active else None,
         "upstream_session_open": session_open,
         "upstreams": sorted(active.runtime.upstreams) if active else [],
+        "keys": {
+            upstream: [{"id": key.id, "state": key.state, "until": key.until} for key in keys]
+            for upstream, keys in sorted(state.key_pools.snapshot().items())
+        },
     }
     return web.Response(status=200 if ready else 503, body=orjson.dumps(detail), content_type=_JSON)
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
+
+from sidegate.middlewares.keys import KeyPools
 
 __all__ = ["Metrics"]
 
@@ -45,6 +51,19 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self._retries = Counter(
+            "sidegate_upstream_retries",
+            "Retries sent upstream, by the failure that caused them.",
+            ["failure"],
+            registry=self.registry,
+        )
+        self._retry_stops = Counter(
+            "sidegate_upstream_retry_stops",
+            "Requests sidegate stopped retrying, by failure and reason "
+            "(max_attempts, deadline, budget: the retry budget was exhausted).",
+            ["failure", "reason"],
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
@@ -62,5 +81,33 @@ class Metrics:
     def upstream_response(self, upstream: str, status: int) -> None:
         self._child(self._upstream, upstream, str(status)).inc()  # type: ignore[attr-defined]
 
+    def retried(self, failure: str) -> None:
+        """RetryObserver: one retry went upstream."""
+        self._child(self._retries, failure).inc()  # type: ignore[attr-defined]
+
+    def stopped(self, failure: str, reason: str) -> None:
+        """RetryObserver: a request was not retried further."""
+        self._child(self._retry_stops, failure, reason).inc()  # type: ignore[attr-defined]
+
+    def watch_keys(self, pools: KeyPools) -> None:
+        """Expose each upstream key's state (1 for its current state) at every scrape."""
+        self.registry.register(_KeyStates(pools))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _KeyStates(Collector):
+    def __init__(self, pools: KeyPools) -> None:
+        self._pools = pools
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "sidegate_upstream_key_state",
+            "Upstream keys by state (active, cooling, quarantined, expired); never their values.",
+            labels=["upstream", "key", "state"],
+        )
+        for upstream, keys in self._pools.snapshot().items():
+            for key in keys:
+                family.add_metric([upstream, key.id, key.state], 1.0)
+        yield family

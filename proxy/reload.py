@@ -19,7 +19,11 @@ from aiohttp.typedefs import Handler, Middleware
 from sidegate.config import ConfigError, load_config
 from sidegate.config.models import SidegateConfig
 from sidegate.middlewares.auth import auth_middleware
+from sidegate.middlewares.contract import CALL_KEY
 from sidegate.middlewares.jwt_verify import JwtVerifier
+from sidegate.middlewares.keys import KeyPool, KeySpec, PoolSpec, key_rotation_middleware
+from sidegate.middlewares.ratelimit_headers import ratelimit_headers_middleware
+from sidegate.middlewares.retry import RetryBudget, retry_middleware
 
 from .mock import start_mock
 from .routing import route_middleware
@@ -43,11 +47,18 @@ async def _route_handler(request: web.Request) -> web.StreamResponse:
 
 def build_chain(runtime: Runtime, state: GatewayState) -> Handler:
     """The policy chain for one runtime, innermost the matched route's handler."""
+    pools = state.key_pools
+
+    def upstream_pool(request: web.Request) -> KeyPool | None:
+        call = request.get(CALL_KEY)
+        return pools.get(call.route.upstream) if call is not None else None
+
     middlewares = [
         auth_middleware(api_keys=runtime.api_keys, jwt=runtime.jwt, teams=runtime.team_models),
         route_middleware(
             runtime, state.endpoints, max_body_bytes=runtime.config.server.max_body_bytes
         ),
+        ratelimit_headers_middleware(runtime.config.rate_limit_headers.mode, pools=upstream_pool),
     ]
     return _compose(middlewares, _route_handler)
 
@@ -61,7 +72,45 @@ async def activate(app: web.Application, config: SidegateConfig) -> None:
             state.mock_runners.append(runner)
             state.mock_urls[name] = url
     runtime = build_runtime(config, state.mock_urls, jwt=_verifier(state, config))
-    state.active = Active(runtime, build_chain(runtime, state))
+    state.key_pools.rebuild(
+        {
+            name: PoolSpec(
+                [
+                    KeySpec(k.id, k.secret.get_secret_value(), k.weight, k.not_after)
+                    for k in up.keys
+                ],
+                strategy=up.key_strategy,
+                header=up.auth_header,
+                scheme=up.auth_scheme,
+                expiry_warning_days=up.key_expiry_warning_days,
+            )
+            for name, up in config.upstreams.items()
+            if up.keys
+        }
+    )
+    retry = config.retry
+    budget = state.retry_budget
+    if budget is None or (budget.ratio, budget.minimum) != (retry.budget_ratio, retry.budget_min):
+        budget = state.retry_budget = RetryBudget(retry.budget_ratio, retry.budget_min)
+    client_middlewares = (
+        retry_middleware(retry, budget=budget, observer=state.metrics),
+        key_rotation_middleware(state.key_pools.resolve),
+    )
+    state.active = Active(runtime, build_chain(runtime, state), client_middlewares)
+
+
+def _pool_specs(config: SidegateConfig) -> dict[str, PoolSpec]:
+    return {
+        name: PoolSpec(
+            [KeySpec(k.id, k.secret.get_secret_value(), k.weight, k.not_after) for k in up.keys],
+            strategy=up.key_strategy,
+            header=up.auth_header,
+            scheme=up.auth_scheme,
+            expiry_warning_days=up.key_expiry_warning_days,
+        )
+        for name, up in config.upstreams.items()
+        if up.keys
+    }
 
 
 def _verifier(state: GatewayState, config: SidegateConfig) -> JwtVerifier | None:

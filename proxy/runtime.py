@@ -28,7 +28,7 @@ class UpstreamTarget:
     name: str
     vendor: Vendor
     base_url: str
-    key_id: str
+    key_id: str | None
     auth: tuple[tuple[str, str], ...]
     timeout: aiohttp.ClientTimeout
     _urls: dict[str, URL] = field(default_factory=dict)
@@ -84,19 +84,21 @@ class Runtime:
 
 
 def _target(name: str, upstream: Upstream, mock_urls: Mapping[str, str]) -> UpstreamTarget:
+    """Where an upstream is; its keys are sent by the key pool, except the mock's stand-in key."""
     base = mock_urls[name] if upstream.mock else str(upstream.base_url)
-    if upstream.keys:
-        key_id, secret = upstream.keys[0].id, upstream.keys[0].secret.get_secret_value()
-    else:
+    auth: tuple[tuple[str, str], ...] = ()
+    key_id = None
+    if not upstream.keys:
         key_id, secret = MOCK_KEY
-    value = f"{upstream.auth_scheme} {secret}" if upstream.auth_scheme else secret
+        value = f"{upstream.auth_scheme} {secret}" if upstream.auth_scheme else secret
+        auth = ((upstream.auth_header, value),)
     timeouts = upstream.timeouts
     return UpstreamTarget(
         name=name,
         vendor=Vendor(upstream.kind),
         base_url=base.rstrip("/"),
         key_id=key_id,
-        auth=((upstream.auth_header, value),),
+        auth=auth,
         timeout=aiohttp.ClientTimeout(
             total=timeouts.total_s, sock_connect=timeouts.connect_s, sock_read=timeouts.read_s
         ),

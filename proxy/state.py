@@ -8,25 +8,29 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.client_middlewares import ClientMiddlewareType
 from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractResource, AbstractRoute
 
 from sidegate.config.auth import JwtConfig
 from sidegate.middlewares.jwt_verify import JwtVerifier
+from sidegate.middlewares.keys import KeyPools
+from sidegate.middlewares.retry import RetryBudget
 
 from .dialects import Endpoint
 from .observability import Metrics
 from .runtime import Runtime
 
-__all__ = ["RUNTIME_KEY", "STATE_KEY", "Active", "GatewayState"]
+__all__ = ["ACTIVE_KEY", "RUNTIME_KEY", "STATE_KEY", "Active", "GatewayState"]
 
 
 @dataclass(frozen=True, slots=True)
 class Active:
-    """A runtime and the policy chain built for it; swapped as one."""
+    """A runtime, the policy chain and the upstream client middlewares built for it."""
 
     runtime: Runtime
     chain: Handler
+    client_middlewares: tuple[ClientMiddlewareType, ...] = ()
 
 
 @dataclass(eq=False)
@@ -42,6 +46,8 @@ class GatewayState:
     mock_urls: dict[str, str] = field(default_factory=dict)
     mock_runners: list[web.AppRunner] = field(default_factory=list)
     jwt: tuple[JwtConfig, JwtVerifier] | None = None
+    key_pools: KeyPools = field(default_factory=KeyPools)
+    retry_budget: RetryBudget | None = None
     _session: aiohttp.ClientSession | None = None
 
     @property
@@ -53,3 +59,4 @@ class GatewayState:
 
 STATE_KEY = web.AppKey("sidegate_state", GatewayState)
 RUNTIME_KEY = web.RequestKey("sidegate_runtime", Runtime)
+ACTIVE_KEY = web.RequestKey("sidegate_active", Active)

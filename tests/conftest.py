@@ -56,6 +56,7 @@ def base_config(meridian_url: str, meivan_url: str) -> dict[str, Any]:
     """Both vendors, three aliases, the memory store; an admin key and a narrower team's key."""
     return {
         "store": {"kind": "memory"},
+        "retry": {"max_attempts": 1},  # the resilience tests turn retries on
         "auth": {
             "api_keys": [
                 {

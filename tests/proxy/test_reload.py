@@ -43,15 +43,17 @@ async def test_valid_reload_swaps_and_invalid_reload_keeps_the_old_config(
     assert "fresh" in await _models(client)
 
     path.write_text(
-        path.read_text() + "retry:\n  max_attempts: zero\n  retyr: 1\n" + "upstreams_typo: {}\n"
+        path.read_text()
+        + "cache:\n  embeddings:\n    ttl_s: zero\n    scopee: team\n"
+        + "upstreams_typo: {}\n"
     )
     with capture_logs() as logs:
         assert await reload_config(app) is False
     rejected = [entry for entry in logs if entry["event"] == "config_reload_rejected"]
     assert len(rejected) == 1
     problems = rejected[0]["problems"]
-    assert "retry.max_attempts" in problems
-    assert "retry.retyr" in problems
+    assert "cache.embeddings.ttl_s" in problems
+    assert "cache.embeddings.scopee" in problems
     assert "upstreams_typo" in problems
     assert f"{path}:" in problems
     assert "fresh" in await _models(client)

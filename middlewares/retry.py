@@ -1,0 +1,307 @@
+"""Retrying upstream requests: backoff with full jitter, server hints, deadline, retry budget.
+
+The retry middleware sits outside key rotation (``ClientSession(middlewares=(retry, keys))``) and
+calls the rest of the chain once per attempt with the same request, so every attempt sends the
+same body bytes and the same ``Idempotency-Key``.
+
+Which failures are retried (``settings.retry_on``, plus ``retry_on_idempotent`` for requests that
+carry an ``Idempotency-Key``): ``connect_error`` (the connection could not be made or timed out
+connecting), ``read_timeout`` (no response head within ``sock_read``), ``disconnected`` (the
+connection dropped before a response head), and the statuses ``429``, ``500``, ``502``, ``503``,
+``504``. Any other status is returned at once, and a response is never retried once returned: a
+stream cut mid-way ends the caller's stream. The total timeout of the request spans all attempts
+and is never retried.
+
+Before retry ``n`` (1-based) it waits ``max(uniform(0, min(max_delay_s, base_delay_s·2^(n-1))),
+hint)`` where the hint is what the upstream asked for (see :func:`~sidegate.middlewares.ratelimits.
+retry_hint`) — except after a 429 when key rotation has another key ready: then it retries at
+once. If that wait would end past the deadline, the failure is returned (or raised) at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
+from aiohttp.client_middlewares import ClientMiddlewareType
+
+from .errors import BadRequest
+from .keypool import KeysCoolingDown
+from .outbound import Outbound, joined_outbound
+from .ratelimits import response_retry_hint
+
+__all__ = [
+    "IDEMPOTENCY_KEY",
+    "RETRY_CONDITIONS",
+    "InvalidIdempotencyKey",
+    "RetryBudget",
+    "RetryObserver",
+    "RetrySettings",
+    "mutating_request",
+    "retry_middleware",
+]
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
+RETRY_CONDITIONS = frozenset(
+    {"connect_error", "read_timeout", "disconnected", "429", "500", "502", "503", "504"}
+)
+_MAX_KEY_LENGTH = 255
+_MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class RetrySettings(Protocol):
+    """What the retry middleware reads; ``sidegate.config.resilience.RetryConfig`` is one."""
+
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def base_delay_s(self) -> float: ...
+    @property
+    def max_delay_s(self) -> float: ...
+    @property
+    def deadline_s(self) -> float: ...
+    @property
+    def retry_on(self) -> Collection[str]: ...
+    @property
+    def retry_on_idempotent(self) -> Collection[str]: ...
+    @property
+    def budget_ratio(self) -> float: ...
+    @property
+    def budget_min(self) -> int: ...
+
+
+class RetryObserver(Protocol):
+    """Told of every retry and of every retryable failure sidegate stopped retrying (metrics)."""
+
+    def retried(self, failure: str) -> None: ...
+    def stopped(self, failure: str, reason: str) -> None: ...
+
+
+class InvalidIdempotencyKey(BadRequest):
+    code = "invalid_idempotency_key"
+
+
+class RetryBudget:
+    """How many requests may be retrying at once: ``max(minimum, int(ratio · in_flight))``.
+
+    ``in_flight`` counts requests inside the middleware, ``retrying`` those holding a retry slot
+    (from their first retry to their end), ``rejected`` the retries refused so far.
+    """
+
+    def __init__(self, ratio: float, minimum: int) -> None:
+        if not 0.0 <= ratio <= 1.0 or minimum < 0:
+            raise ValueError("the retry budget needs 0 <= ratio <= 1 and minimum >= 0")
+        self.ratio = ratio
+        self.minimum = minimum
+        self.in_flight = 0
+        self.retrying = 0
+        self.rejected = 0
+
+    def limit(self) -> int:
+        return max(self.minimum, int(self.ratio * self.in_flight))
+
+    @contextmanager
+    def track(self) -> Iterator[_Ticket]:
+        """Count one request in flight for the block; its ticket may take a retry slot."""
+        ticket = _Ticket(self)
+        self.in_flight += 1
+        try:
+            yield ticket
+        finally:
+            self.in_flight -= 1
+            if ticket.held:
+                self.retrying -= 1
+
+
+class _Ticket:
+    def __init__(self, budget: RetryBudget) -> None:
+        self.budget = budget
+        self.held = False
+
+    def acquire(self) -> bool:
+        budget = self.budget
+        if not self.held:
+            if budget.retrying >= budget.limit():
+                budget.rejected += 1
+                return False
+            budget.retrying += 1
+            self.held = True
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    response: ClientResponse | None
+    error: BaseException | None
+    failure: str | None
+    hint: float | None
+    ready: bool = False
+
+    def result(self) -> ClientResponse:
+        if self.error is not None:
+            raise self.error
+        assert self.response is not None
+        return self.response
+
+
+def mutating_request(request: ClientRequest) -> bool:
+    """Whether ``request`` changes state upstream (POST, PUT, PATCH, DELETE)."""
+    return request.method.upper() in _MUTATING
+
+
+def _validate(settings: RetrySettings) -> None:
+    if settings.max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    if settings.base_delay_s < 0 or settings.max_delay_s < settings.base_delay_s:
+        raise ValueError("need 0 <= base_delay_s <= max_delay_s")
+    if settings.deadline_s <= 0:
+        raise ValueError("deadline_s must be positive")
+    unknown = (set(settings.retry_on) | set(settings.retry_on_idempotent)) - RETRY_CONDITIONS
+    if unknown:
+        raise ValueError(f"unknown retry conditions: {sorted(unknown)}")
+
+
+def _idempotency_key(request: ClientRequest) -> str | None:
+    values = request.headers.getall(IDEMPOTENCY_KEY, [])
+    if len(values) > 1:
+        raise InvalidIdempotencyKey("Send at most one Idempotency-Key header.")
+    if values and not 0 < len(values[0]) <= _MAX_KEY_LENGTH:
+        raise InvalidIdempotencyKey(
+            f"The Idempotency-Key header must be 1 to {_MAX_KEY_LENGTH} characters long."
+        )
+    return values[0] if values else None
+
+
+def _failure(exc: BaseException) -> str | None:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "connect_error"
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return "read_timeout"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return None
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect_error"
+    if isinstance(
+        exc,
+        aiohttp.ServerDisconnectedError
+        | aiohttp.ClientConnectionResetError
+        | aiohttp.ClientOSError,
+    ):
+        return "disconnected"
+    return None
+
+
+def retry_middleware(
+    settings: RetrySettings,
+    *,
+    generate_idempotency_key: Callable[[ClientRequest], bool] | None = None,
+    budget: RetryBudget | None = None,
+    observer: RetryObserver | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    rng: Callable[[], float] = random.random,
+) -> ClientMiddlewareType:
+    """A client middleware that retries as the module docstring says.
+
+    ``generate_idempotency_key(request)`` (or ``Outbound.generate_idempotency_key`` when set)
+    decides whether a request without an ``Idempotency-Key`` gets a generated one (a UUID4)
+    before its first attempt; a client's key passes unchanged. Two ``Idempotency-Key`` headers,
+    or one longer than 255 characters, raise :class:`InvalidIdempotencyKey` (400) unsent.
+
+    ``budget`` (one per middleware unless shared) limits concurrent retrying requests; a request
+    over it stops with its last failure. Progress and outcome are recorded on the current
+    :class:`~sidegate.middlewares.outbound.Outbound`. ``clock`` measures the deadline,
+    ``wall_clock`` reads HTTP-dates and unix resets, ``sleep`` waits, ``rng`` draws the jitter.
+    """
+    _validate(settings)
+    shared = RetryBudget(settings.budget_ratio, settings.budget_min) if budget is None else budget
+    always = frozenset(settings.retry_on)
+    idempotent = always | frozenset(settings.retry_on_idempotent)
+
+    def backoff(attempt: int, hint: float | None) -> float:
+        ceiling = min(settings.max_delay_s, settings.base_delay_s * 2.0 ** (attempt - 1))
+        return max(rng() * ceiling, hint or 0.0)
+
+    def stop_reason(attempt: int, wait: float, outbound: Outbound, ticket: _Ticket) -> str | None:
+        if attempt >= settings.max_attempts:
+            return "max_attempts"
+        assert outbound.deadline is not None
+        if clock() + wait > outbound.deadline:
+            return "deadline"
+        return None if ticket.acquire() else "budget"
+
+    async def attempt_once(
+        request: ClientRequest, handler: ClientHandlerType, outbound: Outbound
+    ) -> _Outcome:
+        conditions = idempotent if outbound.idempotency_key is not None else always
+        try:
+            response = await handler(request)
+        except KeysCoolingDown as exc:
+            return _Outcome(None, exc, "429", exc.retry_after)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            outbound.attempts += 1
+            failure = _failure(exc)
+            outbound.last_failure = failure
+            if failure is None or failure not in conditions:
+                raise
+            return _Outcome(None, exc, failure, None)
+        outbound.attempts += 1
+        failure = str(response.status)
+        if failure not in conditions:
+            return _Outcome(response, None, None, None)
+        hint = await response_retry_hint(response, wall_clock())
+        ready = response.status == 429 and outbound.other_key_ready
+        return _Outcome(response, None, failure, hint, ready=ready)
+
+    async def attempts(
+        request: ClientRequest, handler: ClientHandlerType, outbound: Outbound, ticket: _Ticket
+    ) -> ClientResponse:
+        for attempt in range(1, settings.max_attempts + 1):
+            outcome = await attempt_once(request, handler, outbound)
+            if outcome.failure is None:
+                assert outcome.response is not None
+                return outcome.response
+            outbound.last_failure = outcome.failure
+            wait = 0.0 if outcome.ready else backoff(attempt, outcome.hint)
+            reason = stop_reason(attempt, wait, outbound, ticket)
+            if reason is not None:
+                outbound.stop_reason = reason
+                outbound.over_budget = reason == "budget"
+                outbound.gave_up = outbound.over_budget or outbound.attempts > 1
+                if observer is not None:
+                    observer.stopped(outcome.failure, reason)
+                return outcome.result()
+            if outcome.response is not None:
+                outcome.response.release()
+            if observer is not None:
+                observer.retried(outcome.failure)
+            outbound.waits.append(wait)
+            await sleep(wait)
+        raise AssertionError("unreachable: the last attempt always stops")
+
+    async def retry(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        with joined_outbound() as outbound:
+            key = _idempotency_key(request)
+            wanted = outbound.generate_idempotency_key
+            if wanted is None:
+                wanted = generate_idempotency_key is not None and generate_idempotency_key(request)
+            if key is None and wanted:
+                reuse = outbound.idempotency_key if outbound.idempotency_key_generated else None
+                key = request.headers[IDEMPOTENCY_KEY] = reuse or str(uuid.uuid4())
+                outbound.idempotency_key_generated = True
+            outbound.idempotency_key = key
+            if outbound.deadline is None:
+                outbound.deadline = clock() + settings.deadline_s
+            with shared.track() as ticket:
+                return await attempts(request, handler, outbound, ticket)
+
+    return retry
