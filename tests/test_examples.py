@@ -254,3 +254,29 @@ async def test_auth_middleware_alone_protects_an_apps_own_routes(
     assert (await refused.json())["error"]["code"] == "invalid_api_key"
     allowed = await client.get("/whoami", headers=DEMO)
     assert await allowed.json() == {"team": "demo", "key": "demo"}
+
+
+# -- examples/direct_client.py ---------------------------------------------------------------------
+
+
+async def test_direct_client_rotates_keys_and_retries_on_its_own_session(
+    aiohttp_server: Any,
+) -> None:
+    from sidegate.proxy.mock import MOCK_STATE, Fault, meridian_app
+
+    example = _load_example("direct_client")
+    app = meridian_app()
+    server = await aiohttp_server(app)
+    state = app[MOCK_STATE]
+    state.script(Fault(status=429, retry_after=30), path="/v1/chat/completions")
+    base = str(server.make_url("")).rstrip("/")
+    retry = example.Retry(base_delay_s=0, max_delay_s=0, deadline_s=5)
+    async with example.make_session(["sk-one", "sk-two"], retry=retry) as session:
+        reply, outbound = await example.chat(session, base, "hello")
+    assert reply
+    assert outbound.attempts == 2
+    assert outbound.key_ids == ["key-0", "key-1"]
+    assert [r.headers["Authorization"] for r in state.received] == [
+        "Bearer sk-one",
+        "Bearer sk-two",
+    ]
