@@ -65,39 +65,31 @@ def access_log_middleware(*, observer: RequestObserver | None = None) -> Middlew
 
 
 def _log(request: web.Request, request_id: str, status: int, latency: float) -> None:
+    fields: dict[str, object] = {
+        "request_id": request_id,
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "latency_ms": round(latency * 1000.0, 3),
+    }
     call = request.get(CALL_KEY)
-    if call is None:
-        log.info(
-            "request",
-            request_id=request_id,
-            method=request.method,
-            path=request.path,
-            status=status,
-            latency_ms=round(latency * 1000.0, 3),
+    if call is not None:
+        route = call.route
+        upstream_ms = call.upstream_latency_ms
+        fields.update(
+            upstream=route.upstream,
+            model=route.public_model,
+            upstream_model=route.upstream_model,
+            team=call.principal.team if call.principal else None,
+            stream=call.stream,
+            attempts=call.attempts,
+            upstream_key=call.upstream_key_id,
+            upstream_status=call.upstream_status,
+            upstream_latency_ms=round(upstream_ms, 3) if upstream_ms is not None else None,
+            bytes_in=len(call.body),
+            bytes_out=call.bytes_out,
         )
-        return
-    route = call.route
-    log.info(
-        "request",
-        request_id=request_id,
-        method=request.method,
-        path=request.path,
-        status=status,
-        latency_ms=round(latency * 1000.0, 3),
-        upstream=route.upstream,
-        model=route.public_model,
-        upstream_model=route.upstream_model,
-        team=call.principal.team if call.principal else None,
-        stream=call.stream,
-        attempts=call.attempts,
-        upstream_key=call.upstream_key_id,
-        upstream_status=call.upstream_status,
-        upstream_latency_ms=(
-            round(call.upstream_latency_ms, 3) if call.upstream_latency_ms is not None else None
-        ),
-        bytes_in=len(call.body),
-        bytes_out=call.bytes_out,
-    )
+    log.info("request", **fields)
 
 
 async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:

@@ -72,22 +72,7 @@ async def activate(app: web.Application, config: SidegateConfig) -> None:
             state.mock_runners.append(runner)
             state.mock_urls[name] = url
     runtime = build_runtime(config, state.mock_urls, jwt=_verifier(state, config))
-    state.key_pools.rebuild(
-        {
-            name: PoolSpec(
-                [
-                    KeySpec(k.id, k.secret.get_secret_value(), k.weight, k.not_after)
-                    for k in up.keys
-                ],
-                strategy=up.key_strategy,
-                header=up.auth_header,
-                scheme=up.auth_scheme,
-                expiry_warning_days=up.key_expiry_warning_days,
-            )
-            for name, up in config.upstreams.items()
-            if up.keys
-        }
-    )
+    state.key_pools.rebuild(_pool_specs(config))
     retry = config.retry
     budget = state.retry_budget
     if budget is None or (budget.ratio, budget.minimum) != (retry.budget_ratio, retry.budget_min):

@@ -425,18 +425,17 @@ async def _refused(port: int) -> bool:
     return False
 
 
-async def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections(
-    tmp_path: Path, unused_tcp_port: int, meridian: Upstream
-) -> None:
+def _graceful_config(tmp_path: Path, upstream_url: str, *, grace_s: float) -> Path:
+    """A config file fronting the test's mock Meridian with ``shutdown_grace_s``."""
     config = {
         "auth": {"api_keys": [{"id": "demo", "team": "demo", "hash": hash_key(DEMO_KEY)}]},
         "teams": {"demo": {}},
-        "server": {"shutdown_grace_s": 10, "watch_config": False},
+        "server": {"shutdown_grace_s": grace_s, "watch_config": False},
         "store": {"kind": "memory"},
         "upstreams": {
             "meridian": {
                 "kind": "meridian",
-                "base_url": meridian.url,
+                "base_url": upstream_url,
                 "keys": [{"id": "k", "secret": "sk-test"}],
                 "models": ["meridian-1"],
             }
@@ -444,6 +443,13 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connection
     }
     path = tmp_path / "sidegate.yaml"
     _write_yaml(path, config)
+    return path
+
+
+async def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections(
+    tmp_path: Path, unused_tcp_port: int, meridian: Upstream
+) -> None:
+    path = _graceful_config(tmp_path, meridian.url, grace_s=10)
     meridian.state.script(Fault(pace_s=0.05), path="/v1/chat/completions")
     body = {**CHAT, "model": "meridian-1", "stream": True}
     async with serve(path, unused_tcp_port, tmp_path) as served:
@@ -492,22 +498,7 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connection
 async def test_a_zero_shutdown_grace_does_not_wait_for_streams(
     tmp_path: Path, unused_tcp_port: int, meridian: Upstream
 ) -> None:
-    config = {
-        "auth": {"api_keys": [{"id": "demo", "team": "demo", "hash": hash_key(DEMO_KEY)}]},
-        "teams": {"demo": {}},
-        "server": {"shutdown_grace_s": 0, "watch_config": False},
-        "store": {"kind": "memory"},
-        "upstreams": {
-            "meridian": {
-                "kind": "meridian",
-                "base_url": meridian.url,
-                "keys": [{"id": "k", "secret": "sk-test"}],
-                "models": ["meridian-1"],
-            }
-        },
-    }
-    path = tmp_path / "sidegate.yaml"
-    _write_yaml(path, config)
+    path = _graceful_config(tmp_path, meridian.url, grace_s=0)
     meridian.state.script(Fault(pace_s=0.5), path="/v1/chat/completions")  # ~5 s in all
     body = {**CHAT, "model": "meridian-1", "stream": True}
     async with serve(path, unused_tcp_port, tmp_path) as served:
