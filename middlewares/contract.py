@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -25,6 +25,7 @@ __all__ = [
     "EndpointKind",
     "Principal",
     "Route",
+    "StreamFilter",
     "Vendor",
     "parse_object",
 ]
@@ -76,12 +77,25 @@ class Route:
     upstream_model: str | None = None
 
 
+class StreamFilter(Protocol):
+    """Sees a streamed response on its way to the client (set by a policy on the Call).
+
+    ``feed`` gets each chunk as it arrives and returns the bytes to send on (possibly fewer:
+    an event it hides); ``close`` returns whatever it still holds when the upstream ends.
+    """
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def close(self) -> bytes: ...
+
+
 @dataclass(slots=True, eq=False)
 class Call:
     """One request on its way through sidegate.
 
     ``body`` is read once (bounded by ``server.max_body_bytes``); :attr:`json` parses it once, on
-    first use. The fields after ``stream`` are filled in on the way back.
+    first use. The fields after ``stream`` are filled in on the way back; ``ended`` says how a
+    streamed response ended: ``complete``, ``client_disconnected`` or ``upstream_broken``.
     """
 
     request_id: str
@@ -98,8 +112,10 @@ class Call:
     upstream_latency_ms: float | None = None
     cache_status: str | None = None
     usage: dict[str, Any] | None = None
-    cost_micro_usd: int | None = None
+    cost_nano_usd: int | None = None
     bytes_out: int = 0
+    stream_filter: StreamFilter | None = None
+    ended: str | None = None
     _json: dict[str, Any] | None = None
 
     @property

@@ -110,23 +110,31 @@ async def _stream(
     try:
         await response.prepare(request)
         reader = upstream.content
+        sift = call.stream_filter
         while True:
             try:
                 chunk = await reader.readany()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.warning("upstream_stream_broken", error=type(exc).__name__)
+                call.ended = "upstream_broken"
                 _end_abruptly(request)
                 return response
-            if not chunk:
+            last = not chunk
+            if sift is not None:
+                chunk = sift.close() if last else sift.feed(chunk)
+            if chunk:
+                try:
+                    await response.write(chunk)
+                except ConnectionResetError:
+                    log.info("client_disconnected", bytes_out=call.bytes_out)
+                    call.ended = "client_disconnected"
+                    upstream.close()
+                    return response
+                call.bytes_out += len(chunk)
+            if last:
                 break
-            try:
-                await response.write(chunk)
-            except ConnectionResetError:
-                log.info("client_disconnected", bytes_out=call.bytes_out)
-                upstream.close()
-                return response
-            call.bytes_out += len(chunk)
         await response.write_eof()
+        call.ended = "complete"
         return response
     finally:
         gauge.dec()
