@@ -1,0 +1,435 @@
+"""What a request costs: exact integer prices, upper-bound estimates, usage from answers and SSE.
+
+Money is **integer nano-USD** (10⁻⁹ USD) everywhere: prices are converted once, exactly, from the
+config's decimals (:func:`rates`); a request's cost is rounded **up** to a whole nano-USD once, so
+a ledger's sum is the exact integer sum of the per-request costs. Token prices are nano-USD per
+1M tokens (``2.50`` USD → ``2_500_000_000``), so even sub-nano per-token prices stay exact.
+
+:func:`estimate` is an upper bound of a request's cost before it is sent, without a tokenizer:
+
+* prompt: one token per UTF-8 byte of every string (keys included) in ``messages``, ``tools``,
+  ``functions``, ``tool_choice`` and ``response_format``, ``len(str(n))`` per number, plus 16 —
+  byte-level BPE never makes more tokens than bytes, and the keys pay for the chat template;
+* embeddings: one token per UTF-8 byte of each input string plus 2, one per id of a token
+  array, plus 16;
+* output: the largest of ``max_tokens`` / ``max_completion_tokens`` (capped by the model's
+  ``max_output_tokens``), else ``max_output_tokens``, else the caller's default; times ``n``;
+* images: ``n`` × the price of the size and quality; audio: ``per_request`` + ``per_second`` ×
+  ``max_audio_seconds``. Image inputs to chat (vision) are not bounded.
+
+A stream cut short is charged from :class:`SseUsage`: completion tokens are estimated as the
+larger of the number of deltas that carried text and ``ceil(text bytes / 4)``, never zero once
+any text was sent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol
+
+import orjson
+
+from .errors import BadRequest, SidegateError
+
+__all__ = [
+    "DEFAULT_IMAGE_QUALITY",
+    "DEFAULT_IMAGE_SIZE",
+    "NANO_PER_USD",
+    "PER_TOKENS",
+    "Estimate",
+    "PriceLike",
+    "PricingError",
+    "Rates",
+    "SseUsage",
+    "Usage",
+    "cost",
+    "estimate",
+    "image_price",
+    "is_usage_only_event",
+    "nano_to_usd",
+    "rates",
+    "usage_from_response",
+    "usage_from_sse",
+    "usd_to_nano",
+]
+
+NANO_PER_USD = 10**9
+PER_TOKENS = 10**6  # token prices are per this many tokens
+DEFAULT_IMAGE_SIZE = "1024x1024"
+DEFAULT_IMAGE_QUALITY = "standard"
+_ANY = "*"
+_PROMPT_OVERHEAD = 16
+_ITEM_OVERHEAD = 2
+_TOKEN_KINDS = frozenset({"chat", "complete", "embeddings", "passthrough"})
+_PROMPT_FIELDS = ("messages", "tools", "functions", "tool_choice", "response_format")
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
+_MAX_EVENT = 1 << 20
+
+
+class PricingError(SidegateError):
+    """The price table cannot cost a request (a config gap that load-time checks should catch)."""
+
+    status = 500
+    type = "server_error"
+    code = "price_missing"
+
+
+class PriceLike(Protocol):
+    """What :func:`rates` reads: the ``pricing.<model>`` config section (USD decimals)."""
+
+    @property
+    def input(self) -> Decimal | None: ...
+    @property
+    def output(self) -> Decimal | None: ...
+    @property
+    def per_image(self) -> Decimal | Mapping[str, Decimal | Mapping[str, Decimal]] | None: ...
+    @property
+    def per_request(self) -> Decimal | None: ...
+    @property
+    def per_second(self) -> Decimal | None: ...
+    @property
+    def max_output_tokens(self) -> int | None: ...
+    @property
+    def max_audio_seconds(self) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """A price in nano-USD: ``input``/``output`` per 1M tokens; ``images[size][quality]`` per
+    image (``"*"`` stands for any); ``per_request``, and ``per_second`` of audio."""
+
+    input: int | None = None
+    output: int | None = None
+    images: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    per_request: int | None = None
+    per_second: int | None = None
+    max_output_tokens: int | None = None
+    max_audio_seconds: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a request used. ``audio_seconds`` is None when the answer carried no duration."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    images: int = 0
+    image_size: str | None = None
+    image_quality: str | None = None
+    audio_seconds: Decimal | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """An upper bound of a request's usage and cost (nano-USD), known before it is sent."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    images: int
+    cost_nano: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def usd_to_nano(usd: Decimal) -> int:
+    """``usd`` in nano-USD, exactly (integer arithmetic, no decimal context rounding); a
+    fraction of a nano-USD is a ValueError."""
+    numerator, denominator = usd.as_integer_ratio()
+    nano, rest = divmod(numerator * NANO_PER_USD, denominator)
+    if rest:
+        raise ValueError(f"{usd} USD is not a whole number of nano-USD")
+    return nano
+
+
+def nano_to_usd(nano: int) -> Decimal:
+    """``nano`` nano-USD as an exact Decimal of USD."""
+    return Decimal(nano).scaleb(-9)
+
+
+def _nano(usd: Decimal | None) -> int | None:
+    return None if usd is None else usd_to_nano(usd)
+
+
+def rates(price: PriceLike) -> Rates:
+    """Convert a config price to integer nano-USD, exactly (do it once, at load)."""
+    table: dict[str, dict[str, int]] = {}
+    per_image = price.per_image
+    if isinstance(per_image, Decimal):
+        table[_ANY] = {_ANY: usd_to_nano(per_image)}
+    elif per_image is not None:
+        for size, entry in per_image.items():
+            if isinstance(entry, Decimal):
+                table[size] = {_ANY: usd_to_nano(entry)}
+            else:
+                table[size] = {quality: usd_to_nano(usd) for quality, usd in entry.items()}
+    return Rates(
+        _nano(price.input),
+        _nano(price.output),
+        table,
+        _nano(price.per_request),
+        _nano(price.per_second),
+        price.max_output_tokens,
+        price.max_audio_seconds,
+    )
+
+
+def image_price(prices: Rates, size: str | None, quality: str | None) -> int:
+    """Nano-USD of one image; an unlisted size or quality costs the highest price that could
+    apply to it."""
+    if not prices.images:
+        raise PricingError("This model has no per_image price.")
+    row = prices.images.get(size or DEFAULT_IMAGE_SIZE)
+    if row is None:
+        return max(p for r in prices.images.values() for p in r.values())
+    found = row.get(quality or DEFAULT_IMAGE_QUALITY, row.get(_ANY))
+    return max(row.values()) if found is None else found
+
+
+def _image_options(body: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """``size`` and ``quality`` of an image request; a non-string is priced as unlisted."""
+    size, quality = body.get("size"), body.get("quality")
+    return (
+        size if size is None or isinstance(size, str) else "?",
+        quality if quality is None or isinstance(quality, str) else "?",
+    )
+
+
+def _priced(price: int | None, name: str, quantity: int) -> int:
+    if quantity == 0:
+        return 0
+    if price is None:
+        raise PricingError(f"This model has no '{name}' price.")
+    return price * quantity
+
+
+def cost(usage: Usage, prices: Rates, kind: str) -> int:
+    """The cost of ``usage`` in nano-USD, rounded up once: tokens for chat, complete, embeddings
+    and passthrough; images × per-image; audio per request plus per second of duration (the
+    ``max_audio_seconds`` bound when the answer had none)."""
+    if kind in _TOKEN_KINDS:
+        per_m = _priced(prices.input, "input", usage.prompt_tokens)
+        per_m += _priced(prices.output, "output", usage.completion_tokens)
+        return -(-per_m // PER_TOKENS)
+    if kind == "images":
+        return usage.images * image_price(prices, usage.image_size, usage.image_quality)
+    if kind == "audio":
+        if prices.per_request is None and prices.per_second is None:
+            raise PricingError("This model has neither a per_request nor a per_second price.")
+        total = prices.per_request or 0
+        if prices.per_second is not None:
+            seconds = usage.audio_seconds
+            if seconds is None:
+                seconds = Decimal(prices.max_audio_seconds or 0)
+            numerator, denominator = seconds.as_integer_ratio()
+            total += -(-prices.per_second * numerator // denominator)
+        return total
+    raise ValueError(f"cannot price an endpoint of kind {kind!r}")
+
+
+def _text_bound(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, Mapping):
+        return sum(len(str(k).encode()) + _text_bound(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(_text_bound(item) for item in value)
+    return len(str(value))
+
+
+def _input_bound(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.encode()) + _ITEM_OVERHEAD
+    if isinstance(value, list):
+        return sum(1 if isinstance(item, int) else _input_bound(item) for item in value)
+    return _text_bound(value)
+
+
+def _count(body: Mapping[str, Any], name: str, default: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"'{name}' must be a non-negative integer.", param=name)
+    return value
+
+
+def _output_bound(body: Mapping[str, Any], prices: Rates, default: int | None) -> int:
+    asked = [_count(body, name, None) for name in ("max_tokens", "max_completion_tokens")]
+    given = [n for n in asked if n is not None]
+    cap = prices.max_output_tokens
+    if given:
+        bound = max(given) if cap is None else min(max(given), cap)
+    elif cap is not None or default is not None:
+        bound = cap if cap is not None else default or 0
+    else:
+        raise PricingError("This model has no max_output_tokens to reserve without max_tokens.")
+    return bound * (_count(body, "n", 1) or 0)
+
+
+def estimate(
+    kind: str,
+    body: Mapping[str, Any],
+    prices: Rates,
+    *,
+    default_max_output_tokens: int | None = None,
+) -> Estimate:
+    """An upper bound of the usage and cost of a ``kind`` request with JSON ``body`` (see the
+    module docstring); audio ignores ``body``. Passthrough calls are reserved by a configured
+    amount instead. Bad ``max_tokens`` / ``n`` raise :class:`BadRequest`."""
+    if kind in ("chat", "complete"):
+        fields = [body[name] for name in _PROMPT_FIELDS if body.get(name) is not None]
+        prompt = _PROMPT_OVERHEAD + sum(_text_bound(value) for value in fields)
+        usage = Usage(prompt, _output_bound(body, prices, default_max_output_tokens))
+    elif kind == "embeddings":
+        usage = Usage(_input_bound(body.get("input")) + _PROMPT_OVERHEAD)
+    elif kind == "images":
+        size, quality = _image_options(body)
+        usage = Usage(images=_count(body, "n", 1) or 0, image_size=size, image_quality=quality)
+    elif kind == "audio":
+        usage = Usage()
+    else:
+        raise ValueError(f"cannot estimate an endpoint of kind {kind!r}")
+    total = cost(usage, prices, kind)
+    return Estimate(usage.prompt_tokens, usage.completion_tokens, usage.images, total)
+
+
+def _whole(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _token_usage(usage: Any) -> Usage | None:
+    if not isinstance(usage, Mapping):
+        return None
+    prompt = _whole(usage.get("prompt_tokens", usage.get("input_tokens")))
+    completion = _whole(usage.get("completion_tokens", usage.get("output_tokens")))
+    if prompt is None and completion is None:
+        return None
+    return Usage(prompt or 0, completion or 0)
+
+
+def usage_from_response(
+    kind: str, payload: Any, request: Mapping[str, Any] | None = None
+) -> Usage | None:
+    """The usage in a JSON answer: ``usage`` of chat, Meivan complete, embeddings and
+    passthrough; ``len(data)`` of images (size and quality from the ``request`` body); the
+    ``duration`` of a ``verbose_json`` transcription (``payload`` None for a text answer).
+    None when the answer carries no usable usage (charge the estimate then)."""
+    if kind in _TOKEN_KINDS:
+        return _token_usage(payload.get("usage")) if isinstance(payload, Mapping) else None
+    if kind == "images":
+        data = payload.get("data") if isinstance(payload, Mapping) else None
+        if not isinstance(data, list):
+            return None
+        size, quality = _image_options(request or {})
+        return Usage(images=len(data), image_size=size, image_quality=quality)
+    if kind == "audio":
+        duration = payload.get("duration") if isinstance(payload, Mapping) else None
+        if isinstance(duration, int | float) and not isinstance(duration, bool) and duration >= 0:
+            return Usage(audio_seconds=Decimal(repr(duration)))
+        return Usage()
+    raise ValueError(f"no usage in an endpoint of kind {kind!r}")
+
+
+def _event_json(event: bytes) -> Any:
+    lines = [line for line in event.splitlines() if line.startswith(b"data:")]
+    data = b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
+    if not data or data.strip() == b"[DONE]":
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def is_usage_only_event(event: bytes) -> bool:
+    """Whether one SSE event is the usage-only chunk (``choices == []`` with a ``usage``)."""
+    parsed = _event_json(event)
+    return (
+        isinstance(parsed, dict)
+        and parsed.get("choices") == []
+        and isinstance(parsed.get("usage"), dict)
+    )
+
+
+class SseUsage:
+    """Usage of a Meridian chat stream, read as its raw chunks pass.
+
+    :meth:`feed` when the client sees the stream unchanged; :meth:`strip` (then :meth:`flush`)
+    when the usage-only chunk must be hidden from it. Only an incomplete event is held.
+    """
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.usage: Usage | None = None
+        self.text_bytes = 0
+        self.text_deltas = 0
+
+    def feed(self, chunk: bytes) -> Usage | None:
+        """Read ``chunk``; the final usage once it has been seen, else None."""
+        for event in self._events(chunk):
+            self._read(event)
+        return self.usage
+
+    def strip(self, chunk: bytes) -> bytes:
+        """Read ``chunk``; the complete events in it to forward, without the usage-only one."""
+        return b"".join(e for e in self._events(chunk) if not self._read(e))
+
+    def flush(self) -> bytes:
+        """At the end of the stream: the incomplete event :meth:`strip` held back."""
+        tail, self._tail = self._tail, b""
+        return tail
+
+    def completion_tokens_estimate(self) -> int:
+        """Completion tokens of the text streamed so far (for a stream cut short)."""
+        return max(self.text_deltas, -(-self.text_bytes // 4))
+
+    def partial_usage(self, prompt_tokens: int) -> Usage:
+        """The final usage if seen, else ``prompt_tokens`` and the completion estimate."""
+        return self.usage or Usage(prompt_tokens, self.completion_tokens_estimate())
+
+    def _events(self, chunk: bytes) -> list[bytes]:
+        data, start, events = self._tail + chunk, 0, []
+        for end in _EVENT_END.finditer(data):
+            events.append(data[start : end.end()])
+            start = end.end()
+        self._tail = data[start:]
+        if len(self._tail) > _MAX_EVENT:  # not SSE as we know it: pass it on unread
+            events.append(self._tail)
+            self._tail = b""
+        return events
+
+    def _read(self, event: bytes) -> bool:
+        parsed = _event_json(event)
+        if not isinstance(parsed, dict):
+            return False
+        choices = parsed.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            text = _text_bound(delta.get("content") or "") if isinstance(delta, dict) else 0
+            if isinstance(delta, dict) and delta.get("tool_calls"):
+                text += _text_bound(delta["tool_calls"])
+            self.text_bytes += text
+            self.text_deltas += int(text > 0)
+        found = _token_usage(parsed.get("usage"))
+        if found is not None:
+            self.usage = found
+        return choices == [] and isinstance(parsed.get("usage"), dict)
+
+
+def usage_from_sse(chunks: Iterable[bytes]) -> Usage | None:
+    """The final usage of a whole Meridian SSE stream, or None when it carried none."""
+    parser = SseUsage()
+    for chunk in chunks:
+        parser.feed(chunk)
+    return parser.usage

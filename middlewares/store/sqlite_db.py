@@ -1,0 +1,133 @@
+"""The ``sqlite`` backend's file: schema, one connection on one worker thread, transactions.
+
+The file is in WAL mode with ``synchronous=FULL``: a committed transaction survives a crash or a
+power cut, so nothing acknowledged is lost. Every write runs in ``BEGIN IMMEDIATE``, which takes
+the file's write lock before reading, so a read-then-write (a reservation) is atomic across every
+process using the file; a process waits up to ``busy_timeout_s`` for the lock. Any
+``sqlite3.Error`` becomes :class:`~.types.StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import TypeVar
+
+from .types import StoreUnavailable
+
+__all__ = ["SqliteDatabase"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spend (
+    team TEXT NOT NULL, key TEXT NOT NULL, period TEXT NOT NULL, spent INTEGER NOT NULL,
+    PRIMARY KEY (team, key, period)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reservations (
+    team TEXT NOT NULL, key TEXT NOT NULL, period TEXT NOT NULL, id TEXT NOT NULL,
+    amount INTEGER NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (team, key, period, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS commits (
+    team TEXT NOT NULL, key TEXT NOT NULL, id TEXT NOT NULL, forget_at REAL NOT NULL,
+    PRIMARY KEY (team, key, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS commits_forget ON commits (forget_at);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq INTEGER PRIMARY KEY, team TEXT NOT NULL, at INTEGER NOT NULL, key_id TEXT,
+    upstream TEXT NOT NULL, model TEXT NOT NULL, kind TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, images INTEGER NOT NULL,
+    cost_nano INTEGER NOT NULL, request_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_team_at ON ledger (team, at);
+CREATE TABLE IF NOT EXISTS rate_windows (
+    team TEXT NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL, window_s INTEGER NOT NULL,
+    window INTEGER NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (team, key, name, window_s)
+) WITHOUT ROWID;
+"""
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+class SqliteDatabase:
+    """One connection to ``path``, used only by one worker thread; open with :meth:`open`."""
+
+    def __init__(self, path: str, busy_timeout_s: float) -> None:
+        self.path = path
+        self._busy_timeout_s = busy_timeout_s
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sidegate-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, path: str, *, busy_timeout_s: float = 10.0) -> SqliteDatabase:
+        """Open (creating if needed) the database file at ``path``."""
+        db = cls(path, busy_timeout_s)
+        try:
+            await db._run(db._connect)
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    def _connect(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
+        self._conn = conn
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        try:
+            conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        finally:
+            _rollback(conn)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable() from exc
+
+    def _conn_or_fail(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise sqlite3.ProgrammingError("the database is closed")
+        return self._conn
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self._transaction("BEGIN IMMEDIATE", fn)
+
+    def _transaction(self, begin: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn_or_fail()
+        conn.execute(begin)
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        finally:
+            _rollback(conn)
+        return result
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a ``BEGIN IMMEDIATE`` transaction on the worker thread."""
+        return await self._run(partial(self._write, fn))
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a read transaction (one consistent snapshot) on the worker thread."""
+        return await self._run(partial(self._transaction, "BEGIN DEFERRED", fn))
+
+    async def close(self) -> None:
+        """Close the connection and stop the worker thread."""
+        try:
+            await self._run(self._close)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()

@@ -1,0 +1,202 @@
+"""The values the stores take and return, and the one error they raise.
+
+Money is integer nano-USD (10⁻⁹ USD) throughout; times given to and returned by a store are unix
+seconds (``time.time()`` scale) unless they are ``datetime`` objects, which are always aware UTC.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from sidegate.middlewares.errors import SidegateError
+
+__all__ = [
+    "COMMIT_RETENTION_S",
+    "BudgetStatus",
+    "Granularity",
+    "LedgerEntry",
+    "RateDecision",
+    "Reservation",
+    "Scope",
+    "StoreUnavailable",
+    "UsageBucket",
+    "UsageReport",
+    "UsageTotals",
+    "from_micros",
+    "nonnegative",
+    "to_micros",
+    "window_index",
+]
+
+Granularity = Literal["hour", "day", "month"]
+
+COMMIT_RETENTION_S = 7 * 86_400
+"""How long a store remembers a committed reservation id, making a retried commit a no-op."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+class StoreUnavailable(SidegateError):
+    """The store could not be reached or did not answer; nothing is known to have happened.
+
+    Budgeted routes fail closed on it (503) unless the team is ``fail_open``. The message never
+    names the store's address (a Redis URL may carry a password); the cause is chained.
+    """
+
+    status = 503
+    type = "server_error"
+    code = "store_unavailable"
+
+    def __init__(self, message: str = "sidegate's state store is unavailable.") -> None:
+        super().__init__(message)
+
+
+def to_micros(moment: datetime) -> int:
+    """Exact microseconds since the epoch of an aware ``moment``."""
+    if moment.tzinfo is None:
+        raise ValueError("a store needs aware datetimes (UTC)")
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def from_micros(micros: int) -> datetime:
+    """The aware UTC datetime ``micros`` microseconds after the epoch."""
+    return _EPOCH + micros * _MICROSECOND
+
+
+def nonnegative(**amounts: float) -> None:
+    """Raise ValueError naming the first negative amount."""
+    for name, value in amounts.items():
+        if value < 0:
+            raise ValueError(f"{name} must not be negative, got {value}")
+
+
+def window_index(now: float, window_s: int) -> int:
+    """The number of the fixed ``window_s``-second window containing unix time ``now``."""
+    if window_s <= 0:
+        raise ValueError(f"window_s must be positive, got {window_s}")
+    return math.floor(now / window_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Whose budget or rate window: a team, or one API key of it (``key_id``).
+
+    Every key a backend derives from a scope carries the team, so one team's state lives together
+    (one Redis Cluster slot).
+    """
+
+    team: str
+    key_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.team or self.key_id == "":
+            raise ValueError("a scope needs a team and, when given, a non-empty key id")
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The answer to a reservation: whether it was admitted, and the budget's state after it.
+
+    ``reserved`` counts the live reservations, this one included when admitted.
+    """
+
+    admitted: bool
+    spent: int
+    reserved: int
+    limit: int
+
+    @property
+    def remaining(self) -> int:
+        """What is left to reserve: ``limit - spent - reserved``, never below zero."""
+        return max(0, self.limit - self.spent - self.reserved)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    """Committed spend and live (not expired) reservations of one scope and period."""
+
+    spent: int
+    reserved: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    """The answer to a rate-window hit. ``count`` is the window's total after it (unchanged when
+    refused); pass ``window_start`` back to ``adjust``."""
+
+    allowed: bool
+    count: int
+    limit: int
+    window_start: float
+    reset_at: float
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.count)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerEntry:
+    """One charged request. ``timestamp`` is aware; ``model`` is the name usage is reported by
+    (the public model, or the Meivan service id)."""
+
+    timestamp: datetime
+    team: str
+    key_id: str | None
+    upstream: str
+    model: str
+    kind: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    images: int = 0
+    cost_nano: int = 0
+    request_id: str
+
+    def __post_init__(self) -> None:
+        to_micros(self.timestamp)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class UsageTotals:
+    """Sums over ledger entries."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    images: int = 0
+    cost_nano: int = 0
+
+    def add(self, entry: LedgerEntry) -> None:
+        self.requests += 1
+        self.prompt_tokens += entry.prompt_tokens
+        self.completion_tokens += entry.completion_tokens
+        self.total_tokens += entry.total_tokens
+        self.images += entry.images
+        self.cost_nano += entry.cost_nano
+
+
+@dataclass(slots=True)
+class UsageBucket:
+    """The entries of one hour, day or month (UTC) starting at ``start``, also per model."""
+
+    start: datetime
+    totals: UsageTotals = field(default_factory=UsageTotals)
+    by_model: dict[str, UsageTotals] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class UsageReport:
+    """Buckets in time order (only those with entries), and the totals over all of them."""
+
+    buckets: list[UsageBucket] = field(default_factory=list)
+    total: UsageTotals = field(default_factory=UsageTotals)
+    by_model: dict[str, UsageTotals] = field(default_factory=dict)
