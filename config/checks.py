@@ -41,6 +41,7 @@ def cross_check(data: object, secret: Collection[Loc]) -> list[Finding]:
     checker.aliases()
     checker.references()
     checker.api_keys()
+    checker.budgets()
     return checker.findings
 
 
@@ -238,6 +239,53 @@ class _Checker:
                 self.findings.append(
                     Finding(loc, f"{self.show(loc, model)} is not among the team's models")
                 )
+
+    def budgets(self) -> None:
+        """Every model a budgeted team can reach has a price; per-key limits name its keys."""
+        teams = self.data.get("teams")
+        if not isinstance(teams, dict) or not self.complete:
+            return
+        pricing = self.data.get("pricing")
+        priced = set(pricing) if isinstance(pricing, dict) else set()
+        auth = self.data.get("auth")
+        keys = auth.get("api_keys") if isinstance(auth, dict) else None
+        key_teams = {key.get("id"): key.get("team") for key in keys or () if isinstance(key, dict)}
+        for team, settings in teams.items():
+            if not isinstance(settings, dict):
+                continue
+            per_key = settings.get("keys")
+            per_key = per_key if isinstance(per_key, dict) else {}
+            for key_id in per_key:
+                if key_teams.get(key_id) != team:
+                    self.findings.append(
+                        Finding(
+                            ("teams", team, "keys", key_id),
+                            f"{key_id!r} is not an API key of team {team!r}",
+                        )
+                    )
+            budgeted = settings.get("budget") is not None or any(
+                isinstance(limits, dict) and limits.get("budget") is not None
+                for limits in per_key.values()
+            )
+            if budgeted:
+                self._priced(team, settings.get("models"), priced)
+
+    def _priced(self, team: object, models: object, priced: set[object]) -> None:
+        reachable = models if isinstance(models, list) else [*self.served, *self.aliases_map]
+        missing = []
+        for model in reachable:
+            alias = self.aliases_map.get(model)
+            target = alias.get("model") if isinstance(alias, dict) else None
+            if model not in priced and target not in priced:
+                missing.append(str(model))
+        if missing:
+            self.findings.append(
+                Finding(
+                    ("teams", team, "budget"),
+                    f"team {team!r} has a budget but no price for: {', '.join(missing)} "
+                    "(add them under pricing)",
+                )
+            )
 
     def _unknown(self, loc: Loc, name: str, known: list[str]) -> None:
         message = (

@@ -27,6 +27,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from .auth import JwtConfig
+from .budgets import Budget, BudgetSettings, Price, RateLimit, TeamLimits
 from .resilience import (
     KeyRotationFields,
     RateLimitHeadersConfig,
@@ -169,15 +170,6 @@ class Alias(Section):
     model: str
 
 
-class Price(Section):
-    """USD per 1M tokens (input/output), or per image / per request."""
-
-    input: NonNegativeFloat | None = None
-    output: NonNegativeFloat | None = None
-    per_image: NonNegativeFloat | None = None
-    per_request: NonNegativeFloat | None = None
-
-
 class ApiKeyEntry(Section):
     """A proxy-issued API key, stored as its hash only (``sidegate keys new`` prints both)."""
 
@@ -216,19 +208,9 @@ class AuthConfig(Section):
         return self
 
 
-class Budget(Section):
-    usd: NonNegativeFloat
-    period: Literal["daily", "weekly", "monthly", "total"] = "monthly"
+class Team(TeamLimits):
+    """A team: its model allowlist (all models when absent), budget and rate limits."""
 
-
-class RateLimit(Section):
-    requests_per_minute: PositiveInt | None = None
-    tokens_per_minute: PositiveInt | None = None
-
-
-class Team(Section):
-    budget: Budget | None = None
-    rate_limit: RateLimit | None = None
     models: list[str] | None = None
 
 
@@ -252,6 +234,7 @@ class SidegateConfig(Section):
     pricing: dict[str, Price] = Field(default_factory=dict)
     auth: AuthConfig = AuthConfig()
     teams: dict[str, Team] = Field(default_factory=dict)
+    budgets: BudgetSettings = BudgetSettings()
     retry: RetryConfig = RetryConfig()
     cache: CacheConfig = CacheConfig()
     rate_limit_headers: RateLimitHeadersConfig = RateLimitHeadersConfig()

@@ -13,10 +13,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from sidegate.config import load_config
-from sidegate.config.models import SidegateConfig
+from sidegate.config.models import MemoryStore, RedisStore, SidegateConfig, SqliteStore
 from sidegate.middlewares.access_log import access_log_middleware, stamp_request_id
 from sidegate.middlewares.errors import SidegateError, error_middleware
 from sidegate.middlewares.ratelimit_headers import ratelimit_headers_on_prepare
+from sidegate.middlewares.store import Stores, open_stores
 
 from . import handlers
 from .dialects import ENDPOINTS
@@ -116,6 +117,15 @@ def _dispatch(state: GatewayState) -> Middleware:
     return dispatch
 
 
+async def _open_store(store: MemoryStore | SqliteStore | RedisStore) -> Stores:
+    """The store named by config; it stays open across reloads (a new ``store`` needs a restart)."""
+    if isinstance(store, SqliteStore):
+        return await open_stores("sqlite", path=store.path)
+    if isinstance(store, RedisStore):
+        return await open_stores("redis", url=store.url)
+    return await open_stores("memory")
+
+
 def _lifecycle(
     config: SidegateConfig,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -127,6 +137,7 @@ def _lifecycle(
         )
         watcher: asyncio.Task[None] | None = None
         try:
+            state._stores = await _open_store(config.store)
             await activate(app, config)
             if state.config_path is not None and config.server.watch_config:
                 watcher = asyncio.create_task(watch_config_file(app))
@@ -137,6 +148,8 @@ def _lifecycle(
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             await state._session.close()
+            if state._stores is not None:
+                await state._stores.close()
             for runner in state.mock_runners:
                 await runner.cleanup()
 

@@ -22,6 +22,7 @@ from sidegate.middlewares.auth import auth_middleware
 from sidegate.middlewares.contract import CALL_KEY
 from sidegate.middlewares.jwt_verify import JwtVerifier
 from sidegate.middlewares.keys import KeyPool, KeySpec, PoolSpec, key_rotation_middleware
+from sidegate.middlewares.limits import TEAM_LIMITS_KEY, limits_middleware
 from sidegate.middlewares.ratelimit_headers import ratelimit_headers_middleware
 from sidegate.middlewares.retry import RetryBudget, retry_middleware
 
@@ -58,7 +59,12 @@ def build_chain(runtime: Runtime, state: GatewayState) -> Handler:
         route_middleware(
             runtime, state.endpoints, max_body_bytes=runtime.config.server.max_body_bytes
         ),
-        ratelimit_headers_middleware(runtime.config.rate_limit_headers.mode, pools=upstream_pool),
+        limits_middleware(runtime.limits, state.stores),
+        ratelimit_headers_middleware(
+            runtime.config.rate_limit_headers.mode,
+            team_limits=lambda request: request.get(TEAM_LIMITS_KEY),
+            pools=upstream_pool,
+        ),
     ]
     return _compose(middlewares, _route_handler)
 

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 import aiohttp
 from yarl import URL
 
-from sidegate.config.models import ModelEntry, SidegateConfig, Upstream
+from sidegate.config.models import Budget, ModelEntry, RateLimit, SidegateConfig, Upstream
 from sidegate.middlewares.api_keys import ApiKey, ApiKeyTable
 from sidegate.middlewares.auth import TokenVerifier
 from sidegate.middlewares.contract import Principal, Vendor
+from sidegate.middlewares.limits import BudgetRule, Limits, LimitsSettings, RateRule
+from sidegate.middlewares.pricing import rates, usd_to_nano
 
 __all__ = ["ModelTarget", "Runtime", "UpstreamTarget", "build_runtime"]
 
@@ -61,6 +63,7 @@ class Runtime:
     api_keys: ApiKeyTable
     jwt: TokenVerifier | None
     team_models: dict[str, frozenset[str] | None]
+    limits: LimitsSettings
     secrets: frozenset[str]
     loaded_at: float = field(default_factory=time.time)
     _listings: dict[tuple[Vendor, frozenset[str] | None], list[ModelTarget]] = field(
@@ -102,6 +105,47 @@ def _target(name: str, upstream: Upstream, mock_urls: Mapping[str, str]) -> Upst
         timeout=aiohttp.ClientTimeout(
             total=timeouts.total_s, sock_connect=timeouts.connect_s, sock_read=timeouts.read_s
         ),
+    )
+
+
+def _limits(budget: Budget | None, rate: RateLimit | None) -> Limits | None:
+    if budget is None and rate is None:
+        return None
+    return Limits(
+        budget=(
+            BudgetRule(usd_to_nano(budget.usd), budget.period, budget.fail_open)
+            if budget is not None
+            else None
+        ),
+        rate=(
+            RateRule(rate.requests_per_minute, rate.tokens_per_minute, rate.fail_open)
+            if rate is not None
+            else None
+        ),
+    )
+
+
+def limits_settings(config: SidegateConfig) -> LimitsSettings:
+    """Budgets, rate limits and prices as the limits policy takes them (integer nano-USD)."""
+    teams = {
+        name: limits
+        for name, team in config.teams.items()
+        if (limits := _limits(team.budget, team.rate_limit)) is not None
+    }
+    keys = {
+        (name, key_id): limits
+        for name, team in config.teams.items()
+        for key_id, key in team.keys.items()
+        if (limits := _limits(key.budget, key.rate_limit)) is not None
+    }
+    settings = config.budgets
+    return LimitsSettings(
+        teams=teams,
+        keys=keys,
+        prices={name: rates(price) for name, price in config.pricing.items()},
+        passthrough_reserve_nano=usd_to_nano(settings.passthrough_reserve_usd),
+        default_max_output_tokens=settings.default_max_output_tokens,
+        reservation_ttl_s=settings.reservation_ttl_s,
     )
 
 
@@ -160,5 +204,6 @@ def build_runtime(
         api_keys=api_keys,
         jwt=jwt,
         team_models=team_models,
+        limits=limits_settings(config),
         secrets=frozenset(secrets),
     )

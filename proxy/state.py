@@ -16,6 +16,7 @@ from sidegate.config.auth import JwtConfig
 from sidegate.middlewares.jwt_verify import JwtVerifier
 from sidegate.middlewares.keys import KeyPools
 from sidegate.middlewares.retry import RetryBudget
+from sidegate.middlewares.store import Stores
 
 from .dialects import Endpoint
 from .observability import Metrics
@@ -48,6 +49,14 @@ class GatewayState:
     jwt: tuple[JwtConfig, JwtVerifier] | None = None
     key_pools: KeyPools = field(default_factory=KeyPools)
     retry_budget: RetryBudget | None = None
+    _stores: Stores | None = None
+
+    @property
+    def stores(self) -> Stores:
+        if self._stores is None:
+            raise RuntimeError("sidegate's store is not open (app not started)")
+        return self._stores
+
     _session: aiohttp.ClientSession | None = None
 
     @property

@@ -101,5 +101,5 @@ def test_problems_format_as_file_line_path_message() -> None:
     assert str(info.value).splitlines() == [
         "conf/sidegate.yaml:1: upstreams: should have at least 1 item, not 0",
         "conf/sidegate.yaml:2: retyr: unknown key 'retyr' (allowed: server, store, upstreams, "
-        "models, pricing, auth, teams, retry, cache, rate_limit_headers)",
+        "models, pricing, auth, teams, budgets, retry, cache, rate_limit_headers)",
     ]
