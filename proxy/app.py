@@ -27,7 +27,7 @@ from .reload import activate, watch_config_file
 from .routing import PASSTHROUGH
 from .state import ACTIVE_KEY, RUNTIME_KEY, STATE_KEY, GatewayState
 
-__all__ = ["create_app", "held_secrets", "setup"]
+__all__ = ["create_app", "held_secrets", "open_store", "setup"]
 
 _UPSTREAM_CONNECTIONS = 1024
 
@@ -53,6 +53,7 @@ def create_app(config: SidegateConfig | str | os.PathLike[str]) -> web.Applicati
     router.add_get("/v1/models", handlers.list_models, allow_head=False)
     router.add_get("/v1/services", handlers.list_services, allow_head=False)
     router.add_get("/v1/usage", handlers.local_usage, allow_head=False)
+    router.add_get("/admin/budgets", handlers.admin_budgets, allow_head=False)
     open_resources = frozenset(
         {
             router.add_get("/healthz", handlers.healthz).resource,
@@ -117,7 +118,7 @@ def _dispatch(state: GatewayState) -> Middleware:
     return dispatch
 
 
-async def _open_store(store: MemoryStore | SqliteStore | RedisStore) -> Stores:
+async def open_store(store: MemoryStore | SqliteStore | RedisStore) -> Stores:
     """The store named by config; it stays open across reloads (a new ``store`` needs a restart)."""
     if isinstance(store, SqliteStore):
         return await open_stores("sqlite", path=store.path)
@@ -137,7 +138,7 @@ def _lifecycle(
         )
         watcher: asyncio.Task[None] | None = None
         try:
-            state._stores = await _open_store(config.store)
+            state._stores = await open_store(config.store)
             await activate(app, config)
             if state.config_path is not None and config.server.watch_config:
                 watcher = asyncio.create_task(watch_config_file(app))

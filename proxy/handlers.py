@@ -6,13 +6,23 @@ import orjson
 from aiohttp import web
 
 from sidegate.middlewares.contract import PRINCIPAL_KEY, Vendor
-from sidegate.middlewares.errors import Forbidden, NotFound
+from sidegate.middlewares.errors import Forbidden
 
 from .dialects import meivan, meridian
 from .dialects.meivan import services_page
+from .routing import ADMIN_ROLE
 from .state import RUNTIME_KEY, STATE_KEY
+from .usage import budget_report, parse_usage_query, usage_body
 
-__all__ = ["healthz", "list_models", "list_services", "local_usage", "metrics", "readyz"]
+__all__ = [
+    "admin_budgets",
+    "healthz",
+    "list_models",
+    "list_services",
+    "local_usage",
+    "metrics",
+    "readyz",
+]
 
 _JSON = "application/json"
 
@@ -35,11 +45,24 @@ async def list_services(request: web.Request) -> web.Response:
 
 
 async def local_usage(request: web.Request) -> web.Response:
-    raise NotFound(
-        "sidegate does not report usage yet; an upstream's own usage is at "
-        "/upstreams/{name}/v1/usage.",
-        code="not_found",
-    )
+    """``GET /v1/usage``: the caller's team's usage from sidegate's ledger (Meridian's shape)."""
+    principal = request.get(PRINCIPAL_KEY)
+    if principal is None:
+        raise Forbidden("usage needs a caller.")
+    since, until, granularity = parse_usage_query(request.query)
+    stores = request.config_dict[STATE_KEY].stores
+    report = await stores.ledger.aggregate(principal.team, since, until, granularity)
+    return web.Response(body=orjson.dumps(usage_body(report)), content_type=_JSON)
+
+
+async def admin_budgets(request: web.Request) -> web.Response:
+    """``GET /admin/budgets`` (admin role): every team's spend, reservations and limit."""
+    principal = request.get(PRINCIPAL_KEY)
+    if principal is None or ADMIN_ROLE not in principal.roles:
+        raise Forbidden("/admin/budgets needs the admin role.", code="admin_required")
+    state = request.config_dict[STATE_KEY]
+    rows = await budget_report(request[RUNTIME_KEY].config, state.stores)
+    return web.Response(body=orjson.dumps({"object": "list", "data": rows}), content_type=_JSON)
 
 
 async def healthz(request: web.Request) -> web.Response:
