@@ -102,10 +102,15 @@ def limits_middleware(
     settings: LimitsSettings,
     stores: Stores,
     *,
+    pending: set[asyncio.Task[None]] | None = None,
     clock: Callable[[], float] = time.time,
 ) -> Middleware:
-    """Enforce ``settings`` on every routed request (one with a Call and a Principal)."""
-    pending: set[asyncio.Task[None]] = set()
+    """Enforce ``settings`` on every routed request (one with a Call and a Principal).
+
+    Commits that must be retried run as tasks in ``pending``; await them before closing the
+    store (the gateway does so at shutdown).
+    """
+    pending = set() if pending is None else pending
 
     @web.middleware
     async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -289,7 +294,7 @@ class _Metered:
         await self._adjust_tokens(usage.total_tokens if usage is not None else 0)
         entry = self._entry(usage, actual)
         for index, (scope, period) in enumerate(self.reserved):
-            self._commit(scope, period, actual, entry if index == 0 else None)
+            await self._commit(scope, period, actual, entry if index == 0 else None)
         self.reserved = []
 
     def _streamed_text(self) -> bool:
@@ -348,20 +353,29 @@ class _Metered:
                 log.warning("token_window_adjust_failed", team=scope.team)
         self.token_windows = []
 
-    def _commit(self, scope: Scope, period: str, actual: int, entry: LedgerEntry | None) -> None:
-        async def commit() -> None:
-            for delay in (0.0, *_COMMIT_RETRIES):
+    async def _commit(
+        self, scope: Scope, period: str, actual: int, entry: LedgerEntry | None
+    ) -> None:
+        """Commit now; if the store is unreachable, keep retrying in the background."""
+        commit = self.stores.budgets.commit
+        request_id = self.call.request_id
+        try:
+            await commit(scope, period, request_id, actual, entry)
+            return
+        except StoreUnavailable:
+            log.warning("commit_retry", team=scope.team, request_id=request_id)
+
+        async def retry() -> None:
+            for delay in _COMMIT_RETRIES:
                 await asyncio.sleep(delay)
                 try:
-                    await self.stores.budgets.commit(
-                        scope, period, self.call.request_id, actual, entry
-                    )
+                    await commit(scope, period, request_id, actual, entry)
                     return
                 except StoreUnavailable:
-                    log.warning("commit_retry", team=scope.team, request_id=self.call.request_id)
-            log.error("commit_failed", team=scope.team, request_id=self.call.request_id)
+                    log.warning("commit_retry", team=scope.team, request_id=request_id)
+            log.error("commit_failed", team=scope.team, request_id=request_id, cost_nano=actual)
 
-        task = asyncio.get_running_loop().create_task(commit())
+        task = asyncio.get_running_loop().create_task(retry())
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
 

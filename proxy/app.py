@@ -149,6 +149,8 @@ def _lifecycle(
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             await state._session.close()
+            if state.pending_commits:
+                await asyncio.wait(state.pending_commits, timeout=config.server.shutdown_grace_s)
             if state._stores is not None:
                 await state._stores.close()
             for runner in state.mock_runners:

@@ -59,7 +59,7 @@ def build_chain(runtime: Runtime, state: GatewayState) -> Handler:
         route_middleware(
             runtime, state.endpoints, max_body_bytes=runtime.config.server.max_body_bytes
         ),
-        limits_middleware(runtime.limits, state.stores),
+        limits_middleware(runtime.limits, state.stores, pending=state.pending_commits),
         ratelimit_headers_middleware(
             runtime.config.rate_limit_headers.mode,
             team_limits=lambda request: request.get(TEAM_LIMITS_KEY),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class GatewayState:
     key_pools: KeyPools = field(default_factory=KeyPools)
     retry_budget: RetryBudget | None = None
     _stores: Stores | None = None
+    pending_commits: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def stores(self) -> Stores:

@@ -221,9 +221,12 @@ async def test_unknown_path_is_404_and_wrong_method_405(gateway: Client) -> None
     assert response.headers["Allow"] == "POST"
 
 
-async def test_gateway_usage_is_404_until_it_keeps_usage(gateway: Client) -> None:
-    error = await _error(await gateway.get("/v1/usage"), 404)
-    assert "/upstreams/" in error["message"]
+async def test_gateway_usage_is_answered_locally_and_validates_its_query(
+    gateway: Client, meridian: Upstream
+) -> None:
+    error = await _error(await gateway.get("/v1/usage"), 400)
+    assert error["param"] == "from"
+    assert meridian.state.count() == 0
 
 
 async def test_models_are_listed_from_config(gateway: Client, meridian: Upstream) -> None:
