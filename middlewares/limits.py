@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -123,16 +124,19 @@ def limits_middleware(
             key_rules = settings.keys.get((principal.team, principal.key_id))
             rules.append((Scope(principal.team, principal.key_id), key_rules))
         active = [(scope, rule) for scope, rule in rules if rule is not None]
-        if not active:
-            return await handler(request)
         metered = _Metered(call, settings, stores, clock, pending)
+        if not active and metered.prices is None:
+            return await handler(request)
         limits_seen = await metered.admit(active)
         if limits_seen is not None:
             request[TEAM_LIMITS_KEY] = limits_seen
         try:
             response = await handler(request)
         except BaseException:
-            await asyncio.shield(metered.release())
+            if call.ended == "client_disconnected":  # cancelled mid-stream: charge what was sent
+                await asyncio.shield(metered.settle(None))
+            else:
+                await asyncio.shield(metered.release())
             raise
         await asyncio.shield(metered.settle(response))
         return response
@@ -158,10 +162,13 @@ class _Metered:
         self.pending = pending
         route = call.route
         self.kind = route.kind
-        self.prices = settings.prices.get(route.public_model or "") or settings.prices.get(
-            route.upstream_model or ""
-        )
+        names: tuple[str | None, ...] = (route.public_model, route.upstream_model)
+        if route.kind is EndpointKind.PASSTHROUGH:
+            names = _named_model(call)
+        prices = settings.prices
+        self.prices = next((prices[n] for n in names if n is not None and n in prices), None)
         self.estimate = self._estimate()
+        self.reservation_id = uuid.uuid4().hex  # never the client's x-request-id
         self.reserved: list[tuple[Scope, str]] = []
         self.token_windows: list[tuple[Scope, int, float]] = []
         self.sse: SseUsage | None = None
@@ -240,7 +247,7 @@ class _Metered:
                 period,
                 rule.limit_nano,
                 self.estimate.cost_nano,
-                self.call.request_id,
+                self.reservation_id,
                 self.settings.reservation_ttl_s,
             )
         except StoreUnavailable:
@@ -256,9 +263,9 @@ class _Metered:
                 else ""
             )
             raise QuotaExceeded(
-                f"{who} has ${nano_to_usd(result.remaining)} of its "
-                f"${nano_to_usd(rule.limit_nano)} {rule.period} budget left; this request may "
-                f"cost up to ${nano_to_usd(self.estimate.cost_nano)}{when}.",
+                f"{who} has ${_usd(result.remaining)} of its "
+                f"${_usd(rule.limit_nano)} {rule.period} budget left; this request may "
+                f"cost up to ${_usd(self.estimate.cost_nano)}{when}.",
                 headers={"x-should-retry": "false"},
             )
         self.reserved.append((scope, period))
@@ -275,16 +282,21 @@ class _Metered:
         """Give back every reservation and the tokens counted in advance."""
         for scope, period in self.reserved:
             try:
-                await self.stores.budgets.release(scope, period, self.call.request_id)
+                await self.stores.budgets.release(scope, period, self.reservation_id)
             except StoreUnavailable:
                 log.warning("release_failed", team=scope.team)
         self.reserved = []
         await self._adjust_tokens(0)
 
-    async def settle(self, response: web.StreamResponse) -> None:
-        """Turn the reservations into the actual cost, or release them on an upstream error."""
+    async def settle(self, response: web.StreamResponse | None) -> None:
+        """Turn the reservations into the actual cost, or release them on an upstream error.
+
+        Without reservations (a team with no budget) the entry goes to the ledger alone.
+        """
         call = self.call
-        status = call.upstream_status if call.upstream_status is not None else response.status
+        status = call.upstream_status
+        if status is None:
+            status = response.status if response is not None else 500
         if status >= 400 or (call.ended == "upstream_broken" and not self._streamed_text()):
             await self.release()
             return
@@ -293,6 +305,11 @@ class _Metered:
         call.cost_nano_usd = actual
         await self._adjust_tokens(usage.total_tokens if usage is not None else 0)
         entry = self._entry(usage, actual)
+        if not self.reserved:
+            try:
+                await self.stores.ledger.record(entry)
+            except StoreUnavailable:
+                log.warning("ledger_record_failed", team=entry.team, request_id=entry.request_id)
         for index, (scope, period) in enumerate(self.reserved):
             await self._commit(scope, period, actual, entry if index == 0 else None)
         self.reserved = []
@@ -300,7 +317,7 @@ class _Metered:
     def _streamed_text(self) -> bool:
         return self.sse is not None and self.sse.text_bytes > 0
 
-    def _usage(self, response: web.StreamResponse) -> Usage | None:
+    def _usage(self, response: web.StreamResponse | None) -> Usage | None:
         if self.sse is not None:
             return self.sse.partial_usage(self.estimate.prompt_tokens)
         body = response.body if isinstance(response, web.Response) else None
@@ -358,7 +375,7 @@ class _Metered:
     ) -> None:
         """Commit now; if the store is unreachable, keep retrying in the background."""
         commit = self.stores.budgets.commit
-        request_id = self.call.request_id
+        request_id = self.reservation_id
         try:
             await commit(scope, period, request_id, actual, entry)
             return
@@ -397,6 +414,19 @@ class _UsageFilter:
         return self.sse.flush() if self.hide else b""
 
 
+def _named_model(call: Call) -> tuple[str | None, ...]:
+    """The model or service a passthrough body names, if it is a JSON object that names one."""
+    if not call.body.lstrip().startswith(b"{"):
+        return ()
+    try:
+        payload = orjson.loads(call.body)
+    except orjson.JSONDecodeError:
+        return ()
+    if not isinstance(payload, dict):
+        return ()
+    return tuple(v for v in (payload.get("model"), payload.get("service_id")) if isinstance(v, str))
+
+
 def _ask_for_usage(call: Call) -> bool:
     """Make the upstream send its final usage chunk; True when the client did not ask for it."""
     payload = call.json
@@ -418,3 +448,9 @@ def _ask_for_usage(call: Call) -> bool:
         call.body = orjson.dumps({**payload, "stream_options": merged})
     payload["stream_options"] = merged
     return True
+
+
+def _usd(nano: int) -> str:
+    """``1500000`` → ``0.0015``; ``0`` → ``0``."""
+    text = f"{nano_to_usd(nano):f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text

@@ -8,6 +8,7 @@ own failures to reach the upstream become 502/504 envelopes that say which limit
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import aiohttp
@@ -136,6 +137,9 @@ async def _stream(
         await response.write_eof()
         call.ended = "complete"
         return response
+    except asyncio.CancelledError:
+        call.ended = "client_disconnected"  # an app with handler_cancellation: the client left
+        raise
     finally:
         gauge.dec()
 

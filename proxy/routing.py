@@ -44,7 +44,7 @@ __all__ = ["ADMIN_ROLE", "PASSTHROUGH", "route_middleware"]
 ADMIN_ROLE = "admin"
 
 PASSTHROUGH = Endpoint(
-    "*", "/upstreams/{name}/v1/{tail}", EndpointKind.PASSTHROUGH, frozenset(), "json"
+    "*", "/upstreams/{name}/v1/{tail:.+}", EndpointKind.PASSTHROUGH, frozenset(), "json"
 )
 
 

@@ -13,10 +13,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,19 +22,14 @@ import yaml
 
 from sidegate.middlewares.api_keys import hash_key
 from sidegate.proxy.mock import Fault
-from tests.conftest import DEMO as DEMO_HEADERS
 from tests.conftest import DEMO_KEY, Upstream
+from tests.proxy.serving import EXIT_TIMEOUT_S, POLL_TIMEOUT_S, REPO, SIDEGATE, serve
+from tests.proxy.serving import open_logs as _open_logs
+from tests.proxy.serving import read_text as _read
+from tests.proxy.serving import write_yaml as _write_yaml
 
-REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "demo.yaml"
-SIDEGATE = Path(sys.executable).with_name("sidegate")
-
-READY_TIMEOUT_S = 30.0
-EXIT_TIMEOUT_S = 15.0
-POLL_TIMEOUT_S = 10.0
-RETRY_S = 0.05
 CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hello there"}]}
-CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
 
 
 def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -138,143 +131,10 @@ def test_a_missing_command_is_a_usage_error() -> None:
 # -- serve ---------------------------------------------------------------------------------------
 
 
-def _open_logs(directory: Path) -> tuple[IO[bytes], IO[bytes]]:
-    return (directory / "stdout.log").open("wb"), (directory / "stderr.log").open("wb")
-
-
-def _read(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
-
-
-def _write_yaml(path: Path, data: dict[str, Any]) -> None:
-    """Replace ``path`` atomically, so a watcher never sees half a file."""
-    staging = path.with_name(path.name + ".new")
-    staging.write_text(yaml.safe_dump(data, sort_keys=False))
-    staging.replace(path)
-
-
 def _demo() -> dict[str, Any]:
     data = yaml.safe_load(DEMO.read_text())
     assert isinstance(data, dict)
     return data
-
-
-@dataclass
-class Served:
-    """A ``sidegate serve`` subprocess and what it wrote."""
-
-    proc: asyncio.subprocess.Process
-    port: int
-    directory: Path
-    session: aiohttp.ClientSession
-    answered: int = 0  # responses the test received, so access-log lines it caused
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return _read(self.directory / "stdout.log") + _read(self.directory / "stderr.log")
-
-    def events(self) -> list[dict[str, Any]]:
-        """Every log line, each of which must be one JSON object (``--log-format json``)."""
-        events = []
-        for line in self.output().splitlines():
-            if line.strip():
-                event = json.loads(line)
-                assert isinstance(event, dict), line
-                events.append(event)
-        return events
-
-    async def get(self, path: str) -> tuple[int, Any]:
-        async with self.session.get(self.url + path) as response:
-            self.answered += 1
-            return response.status, await response.json()
-
-    async def post(
-        self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
-    ) -> tuple[aiohttp.ClientResponse, Any]:
-        async with self.session.post(self.url + path, json=body, headers=headers) as response:
-            self.answered += 1
-            return response, await response.json()
-
-    async def model_ids(self) -> set[str]:
-        status, body = await self.get("/v1/models")
-        assert status == 200, body
-        return {model["id"] for model in body["data"]}
-
-    async def wait_ready(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + READY_TIMEOUT_S
-        while True:
-            if self.proc.returncode is not None:
-                pytest.fail(f"sidegate exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                status, _ = await self.get("/readyz")
-            except aiohttp.ClientConnectionError:
-                status = None
-            if status == 200:
-                return
-            if loop.time() > deadline:
-                pytest.fail(f"sidegate not ready within {READY_TIMEOUT_S} s:\n{self.output()}")
-            await asyncio.sleep(RETRY_S)
-
-    async def wait_for_event(self, name: str) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + POLL_TIMEOUT_S
-        while True:
-            found = [event for event in self.events() if event.get("event") == name]
-            if found:
-                return found[-1]
-            if loop.time() > deadline:
-                pytest.fail(f"no {name!r} event within {POLL_TIMEOUT_S} s:\n{self.output()}")
-            await asyncio.sleep(RETRY_S)
-
-    async def wait_for_model(self, model: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + POLL_TIMEOUT_S
-        while model not in await self.model_ids():
-            if loop.time() > deadline:
-                pytest.fail(f"{model!r} not listed within {POLL_TIMEOUT_S} s:\n{self.output()}")
-            await asyncio.sleep(RETRY_S)
-
-    async def terminate(self) -> int:
-        """SIGTERM, then the exit status (bounded)."""
-        self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), EXIT_TIMEOUT_S)
-
-
-@contextlib.asynccontextmanager
-async def serve(config: Path, port: int, directory: Path) -> AsyncIterator[Served]:
-    """Run ``sidegate serve`` until the block ends; ready (``/readyz`` 200) when it starts."""
-    stdout, stderr = _open_logs(directory)
-    proc = None
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            str(SIDEGATE),
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(port),
-            "--log-format",
-            "json",
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            cwd=REPO,
-            env=dict(os.environ),
-        )
-        async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT, headers=DEMO_HEADERS) as session:
-            served = Served(proc, port, directory, session)
-            await served.wait_ready()
-            yield served
-    finally:
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await asyncio.wait_for(proc.wait(), EXIT_TIMEOUT_S)
-        stdout.close()
-        stderr.close()
 
 
 async def test_serve_the_demo_logs_one_json_line_per_request_and_exits_0_on_sigterm(
