@@ -28,6 +28,7 @@ from pydantic_core import CoreSchema
 
 from .auth import JwtConfig
 from .budgets import Budget, BudgetSettings, Price, RateLimit, TeamLimits
+from .cache import EmbeddingsCacheConfig
 from .resilience import (
     KeyRotationFields,
     RateLimitHeadersConfig,
@@ -212,12 +213,6 @@ class Team(TeamLimits):
     """A team: its model allowlist (all models when absent), budget and rate limits."""
 
     models: list[str] | None = None
-
-
-class EmbeddingsCacheConfig(Section):
-    ttl_s: PositiveInt = 86_400
-    max_bytes: PositiveInt = 268_435_456
-    scope: Literal["team", "shared"] = "team"
 
 
 class CacheConfig(Section):

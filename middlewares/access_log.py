@@ -86,6 +86,8 @@ def _log(request: web.Request, request_id: str, status: int, latency: float) -> 
             upstream_key=call.upstream_key_id,
             upstream_status=call.upstream_status,
             upstream_latency_ms=round(upstream_ms, 3) if upstream_ms is not None else None,
+            cache=call.cache_status,
+            cost_nano_usd=call.cost_nano_usd,
             bytes_in=len(call.body),
             bytes_out=call.bytes_out,
         )

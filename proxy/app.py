@@ -153,6 +153,8 @@ def _lifecycle(
                 await asyncio.wait(state.pending_commits, timeout=config.server.shutdown_grace_s)
             if state._stores is not None:
                 await state._stores.close()
+            if state.vector_cache is not None:
+                await state.vector_cache.close()
             for runner in state.mock_runners:
                 await runner.cleanup()
 

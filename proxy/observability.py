@@ -64,6 +64,27 @@ class Metrics:
             ["failure", "reason"],
             registry=self.registry,
         )
+        self._cache_items = Counter(
+            "sidegate_embeddings_cache_items",
+            "Embedding items looked up in the cache, by result (hit, miss).",
+            ["result"],
+            registry=self.registry,
+        )
+        self._cache_saved = Counter(
+            "sidegate_embeddings_cache_items_saved",
+            "Embedding items answered from the cache instead of the upstream.",
+            registry=self.registry,
+        )
+        self._cache_evictions = Counter(
+            "sidegate_embeddings_cache_evictions",
+            "Cached vectors evicted to stay within max_bytes.",
+            registry=self.registry,
+        )
+        self._cache_bytes = Gauge(
+            "sidegate_embeddings_cache_bytes",
+            "Bytes of vectors and keys held by the in-process embeddings cache.",
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
@@ -88,6 +109,22 @@ class Metrics:
     def stopped(self, failure: str, reason: str) -> None:
         """RetryObserver: a request was not retried further."""
         self._child(self._retry_stops, failure, reason).inc()  # type: ignore[attr-defined]
+
+    def hit(self, items: int) -> None:
+        """EmbeddingsCacheObserver: items answered from the cache."""
+        self._child(self._cache_items, "hit").inc(items)  # type: ignore[attr-defined]
+
+    def missed(self, items: int) -> None:
+        self._child(self._cache_items, "miss").inc(items)  # type: ignore[attr-defined]
+
+    def saved(self, items: int) -> None:
+        self._cache_saved.inc(items)
+
+    def evicted(self, entries: int) -> None:
+        self._cache_evictions.inc(entries)
+
+    def held(self, bytes_held: int) -> None:
+        self._cache_bytes.set(bytes_held)
 
     def watch_keys(self, pools: KeyPools) -> None:
         """Expose each upstream key's state (1 for its current state) at every scrape."""

@@ -20,16 +20,22 @@ from sidegate.config import ConfigError, load_config
 from sidegate.config.models import SidegateConfig
 from sidegate.middlewares.auth import auth_middleware
 from sidegate.middlewares.contract import CALL_KEY
+from sidegate.middlewares.embeddings_cache import (
+    MemoryVectorCache,
+    RedisVectorCache,
+    embeddings_cache_middleware,
+)
 from sidegate.middlewares.jwt_verify import JwtVerifier
 from sidegate.middlewares.keys import KeyPool, KeySpec, PoolSpec, key_rotation_middleware
 from sidegate.middlewares.limits import TEAM_LIMITS_KEY, limits_middleware
 from sidegate.middlewares.ratelimit_headers import ratelimit_headers_middleware
 from sidegate.middlewares.retry import RetryBudget, retry_middleware
+from sidegate.middlewares.store import REDIS_DEFAULTS
 
 from .mock import start_mock
 from .routing import route_middleware
 from .runtime import Runtime, build_runtime
-from .state import STATE_KEY, Active, GatewayState
+from .state import STATE_KEY, Active, GatewayState, HeldCache
 
 __all__ = ["activate", "reload_config", "watch_config_file"]
 
@@ -54,11 +60,19 @@ def build_chain(runtime: Runtime, state: GatewayState) -> Handler:
         call = request.get(CALL_KEY)
         return pools.get(call.route.upstream) if call is not None else None
 
+    cache = runtime.config.cache.embeddings
     middlewares = [
         auth_middleware(api_keys=runtime.api_keys, jwt=runtime.jwt, teams=runtime.team_models),
         route_middleware(
             runtime, state.endpoints, max_body_bytes=runtime.config.server.max_body_bytes
         ),
+    ]
+    if cache is not None and state.vector_cache is not None:
+        # Before limits: a hit is neither reserved nor charged; a partial hit only for its misses.
+        middlewares.append(
+            embeddings_cache_middleware(cache, state.vector_cache.cache, observer=state.metrics)
+        )
+    middlewares += [
         limits_middleware(runtime.limits, state.stores, pending=state.pending_commits),
         ratelimit_headers_middleware(
             runtime.config.rate_limit_headers.mode,
@@ -78,6 +92,7 @@ async def activate(app: web.Application, config: SidegateConfig) -> None:
             state.mock_runners.append(runner)
             state.mock_urls[name] = url
     runtime = build_runtime(config, state.mock_urls, jwt=_verifier(state, config))
+    await _vector_cache(state, config)
     state.key_pools.rebuild(_pool_specs(config))
     retry = config.retry
     budget = state.retry_budget
@@ -88,6 +103,35 @@ async def activate(app: web.Application, config: SidegateConfig) -> None:
         key_rotation_middleware(state.key_pools.resolve),
     )
     state.active = Active(runtime, build_chain(runtime, state), client_middlewares)
+
+
+async def _vector_cache(state: GatewayState, config: SidegateConfig) -> None:
+    """The embeddings cache backend: kept across reloads unless where it lives changes."""
+    settings = config.cache.embeddings
+    held = state.vector_cache
+    identity: tuple[object, ...] = ()
+    if settings is not None:
+        identity = (settings.backend, settings.max_bytes, settings.redis_url, settings.redis_prefix)
+    if held is not None and settings is not None and held.identity == identity:
+        return
+    if held is not None:
+        await held.close()
+        state.vector_cache = None
+    if settings is None:
+        return
+    if settings.backend == "redis":
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(str(settings.redis_url), **REDIS_DEFAULTS)
+        cache = RedisVectorCache(client, prefix=settings.redis_prefix)
+        state.vector_cache = HeldCache(identity, cache, lambda: client.aclose())
+    else:
+        memory = MemoryVectorCache(settings.max_bytes, observer=state.metrics)
+        state.vector_cache = HeldCache(identity, memory, _nothing)
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _pool_specs(config: SidegateConfig) -> dict[str, PoolSpec]:

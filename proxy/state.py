@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractResource, AbstractRoute
 
 from sidegate.config.auth import JwtConfig
+from sidegate.middlewares.embeddings_cache import VectorCache
 from sidegate.middlewares.jwt_verify import JwtVerifier
 from sidegate.middlewares.keys import KeyPools
 from sidegate.middlewares.retry import RetryBudget
@@ -35,6 +36,15 @@ class Active:
     client_middlewares: tuple[ClientMiddlewareType, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class HeldCache:
+    """The embeddings cache backend, what it was built from, and how to close it."""
+
+    identity: tuple[object, ...]
+    cache: VectorCache
+    close: Callable[[], Awaitable[None]]
+
+
 @dataclass(eq=False)
 class GatewayState:
     """Everything one sidegate app owns; state that must outlive a reload lives here."""
@@ -52,6 +62,7 @@ class GatewayState:
     retry_budget: RetryBudget | None = None
     _stores: Stores | None = None
     pending_commits: set[asyncio.Task[None]] = field(default_factory=set)
+    vector_cache: HeldCache | None = None
 
     @property
     def stores(self) -> Stores:
