@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,3 +146,32 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@contextlib.asynccontextmanager
+async def redis_database(db: int) -> AsyncIterator[str]:
+    """The URL of a flushed database of the local Redis; skip if it is unreachable.
+
+    Under ``CI=true`` an unreachable Redis fails the test instead: CI must run the Redis tests.
+    """
+    from redis.asyncio import Redis
+    from redis.backoff import NoBackoff
+    from redis.exceptions import RedisError
+    from redis.retry import Retry
+
+    url = f"redis://127.0.0.1:6379/{db}"
+    client = Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
+    try:
+        await client.ping()
+    except RedisError as exc:
+        await client.aclose()
+        reason = f"Redis at {url} is unreachable: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: the redis tests must run)")
+        pytest.skip(reason)
+    await client.flushdb()
+    try:
+        yield url
+    finally:
+        await client.flushdb()
+        await client.aclose()
