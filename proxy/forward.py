@@ -124,18 +124,17 @@ async def _stream(
             if sift is not None:
                 chunk = sift.close() if last else sift.feed(chunk)
             if chunk:
-                try:
-                    await response.write(chunk)
-                except ConnectionResetError:
-                    log.info("client_disconnected", bytes_out=call.bytes_out)
-                    call.ended = "client_disconnected"
-                    upstream.close()
-                    return response
+                await response.write(chunk)
                 call.bytes_out += len(chunk)
             if last:
                 break
         await response.write_eof()
         call.ended = "complete"
+        return response
+    except ConnectionResetError:  # the client went away: at prepare, a write or the end
+        log.info("client_disconnected", bytes_out=call.bytes_out)
+        call.ended = "client_disconnected"
+        upstream.close()
         return response
     except asyncio.CancelledError:
         call.ended = "client_disconnected"  # an app with handler_cancellation: the client left
