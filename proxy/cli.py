@@ -9,6 +9,8 @@ import secrets
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import structlog
@@ -17,10 +19,13 @@ from aiohttp import web
 
 from sidegate.config import ConfigError, config_json_schema, load_config
 from sidegate.middlewares.api_keys import hash_key, new_key
+from sidegate.middlewares.errors import SidegateError
 
-from .app import create_app, held_secrets
+from .app import create_app, held_secrets, open_store
 from .logs import configure_logging
 from .reload import reload_config
+from .usage import budget_report, parse_usage_query, usage_body
+from .workers import WORKER_FLAG, run_workers, worker_count
 
 __all__ = ["main"]
 
@@ -36,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="overrides server.port")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    serve.add_argument(
+        "--workers", type=worker_count, default=1, help="processes sharing the port (SO_REUSEPORT)"
+    )
+    serve.add_argument(WORKER_FLAG, type=int, help=argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate a config; exit 1 with every problem")
     check.add_argument("--config", required=True)
     commands.add_parser("schema", help="print the config's JSON Schema")
@@ -48,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument(
         "--config", help="hash with this config's auth.pepper (hmac-sha256) instead of sha256"
     )
+    usage = commands.add_parser("usage", help="print budgets and usage from the store")
+    usage.add_argument("--config", required=True)
+    usage.add_argument("--team", help="one team only")
+    usage.add_argument("--from", dest="since", help="ISO 8601 (default: start of this month)")
+    usage.add_argument("--to", dest="until", help="ISO 8601 (default: now)")
+    usage.add_argument("--granularity", default="day", choices=["hour", "day", "month"])
+    usage.add_argument("--json", action="store_true", help="one JSON document")
     mock = commands.add_parser("mock", help="run a built-in mock upstream")
     mock.add_argument("vendor", choices=["meridian", "meivan"])
     mock.add_argument("--host", default="127.0.0.1")
@@ -72,13 +88,76 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "keys":
         return _new_key(args)
+    if args.command == "usage":
+        return asyncio.run(_usage(args))
     if args.command == "mock":
         from .mock import meivan_app, meridian_app
 
         app = meridian_app() if args.vendor == "meridian" else meivan_app()
         web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
         return 0
+    if args.workers > 1 and args.worker_index is None:
+        return run_workers(
+            args.workers,
+            sys.argv[1:] if argv is None else argv,
+            config=args.config,
+            port=args.port,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
     return _serve(args)
+
+
+async def _usage(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    now = datetime.now(UTC)
+    query = {
+        "from": args.since or now.strftime("%Y-%m-01T00:00:00Z"),
+        "to": args.until or now.isoformat(),
+        "granularity": args.granularity,
+    }
+    try:
+        since, until, granularity = parse_usage_query(query)
+    except SidegateError as exc:
+        print(f"sidegate usage: {exc.message}", file=sys.stderr)
+        return 2
+    stores = await open_store(config.store)
+    try:
+        budgets = await budget_report(config, stores, now=now, team=args.team)
+        teams = [args.team] if args.team else sorted(config.teams)
+        usage = {
+            team: usage_body(await stores.ledger.aggregate(team, since, until, granularity))
+            for team in teams
+        }
+    finally:
+        await stores.close()
+    if args.json:
+        print(
+            orjson.dumps({"budgets": budgets, "usage": usage}, option=orjson.OPT_INDENT_2).decode()
+        )
+        return 0
+    print(f"{'team':<16}{'key':<16}{'period':<9}{'spent':>14}{'reserved':>12}{'limit':>12}  resets")
+    for row in budgets:
+        print(
+            f"{row['team']:<16}{row['key_id'] or '-':<16}{row['period']:<9}"
+            f"{row['spent_usd']:>14.6f}{row['reserved_usd']:>12.6f}{row['limit_usd']:>12.2f}"
+            f"  {row['resets_at'] or '-'}"
+        )
+    print(f"\nusage {query['from']} .. {query['to']}")
+    for team, body in usage.items():
+        total = body["aggregate"]
+        print(f"{team}: {_summary(total)}")
+        for model, row in total["by_model"].items():
+            print(f"  {model}: {_summary(row)}")
+    return 0
+
+
+def _summary(row: dict[str, Any]) -> str:
+    return f"{row['requests']} requests, {row['total_tokens']} tokens, ${row['cost_usd']:.6f}"
 
 
 def _new_key(args: argparse.Namespace) -> int:
@@ -128,6 +207,7 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout=max(config.server.shutdown_grace_s, 0.001),
         access_log=None,
         print=None,
+        reuse_port=True if args.worker_index is not None else None,
     )
     return 0
 

@@ -1,0 +1,136 @@
+"""CPU time and memory of a process (and its children) from ``/proc``, and how busy a CPU is.
+
+CPU is ``utime + stime`` of ``/proc/<pid>/stat`` (every thread of the process), in clock ticks;
+the CPU per request of a row is the difference of two samples over the requests completed between
+them. Memory is ``VmRSS`` (now) and ``VmHWM`` (the peak) of ``/proc/<pid>/status``. A CPU's busy
+and total ticks come from ``/proc/stat``: what the proxy's CPU spent on anything else during a row
+(other processes, interrupts, time stolen by the hypervisor) tells how noisy that row was.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "CpuSample",
+    "children",
+    "core_ticks",
+    "cpu_ms_per_request",
+    "memory_kb",
+    "other_share",
+    "parse_core_ticks",
+    "parse_stat_ticks",
+    "parse_status_kb",
+    "sample_cpu",
+]
+
+_PROC = Path("/proc")
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    """CPU ticks (user + system) summed over some processes, and the tick rate."""
+
+    ticks: int
+    ticks_per_s: int = TICKS_PER_S
+
+
+def parse_stat_ticks(stat: str) -> int:
+    """``utime + stime`` from the text of ``/proc/<pid>/stat``.
+
+    The command name (field 2) is in parentheses and may hold spaces or parentheses itself, so
+    the fields are counted from the last ``)``: utime and stime are fields 14 and 15.
+    """
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state), so field n is fields[n - 3].
+    return int(fields[11]) + int(fields[12])
+
+
+def parse_status_kb(status: str, name: str) -> int | None:
+    """The value in kB of the line ``name:`` of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``)."""
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return int(value.split()[0])
+    return None
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (from every thread's ``children`` file)."""
+    found: list[int] = []
+    try:
+        tasks = list((_PROC / str(pid) / "task").iterdir())
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            found.extend(int(child) for child in (task / "children").read_text().split())
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _family(pid: int, with_children: bool) -> list[int]:
+    return [pid, *children(pid)] if with_children else [pid]
+
+
+def sample_cpu(pid: int, *, with_children: bool = False) -> CpuSample:
+    """The CPU ticks used so far by ``pid`` (and its live direct children)."""
+    total = 0
+    for member in _family(pid, with_children):
+        try:
+            total += parse_stat_ticks((_PROC / str(member) / "stat").read_text())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return CpuSample(total)
+
+
+def cpu_ms_per_request(before: CpuSample, after: CpuSample, requests: int) -> float | None:
+    """Milliseconds of CPU per request between two samples (None without requests)."""
+    if requests <= 0:
+        return None
+    return (after.ticks - before.ticks) * 1000.0 / after.ticks_per_s / requests
+
+
+def memory_kb(pid: int, name: str = "VmRSS", *, with_children: bool = False) -> int | None:
+    """``VmRSS`` or ``VmHWM`` of ``pid`` in kB (summed with its children's when asked)."""
+    total = None
+    for member in _family(pid, with_children):
+        try:
+            value = parse_status_kb((_PROC / str(member) / "status").read_text(), name)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if value is not None:
+            total = (total or 0) + value
+    return total
+
+
+def parse_core_ticks(stat: str, cpu: int) -> tuple[int, int]:
+    """``(busy, total)`` ticks of CPU ``cpu`` from the text of ``/proc/stat``.
+
+    The fields are user, nice, system, idle, iowait, irq, softirq, steal (guest time is already
+    counted in user); busy is all but idle and iowait, so stolen time counts as busy.
+    """
+    prefix = f"cpu{cpu} "
+    for line in stat.splitlines():
+        if line.startswith(prefix):
+            values = [int(value) for value in line.split()[1:9]]
+            total = sum(values)
+            return total - values[3] - values[4], total
+    raise ValueError(f"no cpu{cpu} line in /proc/stat")
+
+
+def core_ticks(cpu: int) -> tuple[int, int]:
+    """``(busy, total)`` ticks of CPU ``cpu`` so far."""
+    return parse_core_ticks((_PROC / "stat").read_text(), cpu)
+
+
+def other_share(before: tuple[int, int], after: tuple[int, int], own_ticks: int) -> float | None:
+    """The share (0–1) of a CPU's time between two samples not spent on ``own_ticks``."""
+    elapsed = after[1] - before[1]
+    if elapsed <= 0:
+        return None
+    return max(0.0, (after[0] - before[0] - own_ticks) / elapsed)

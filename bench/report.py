@@ -1,0 +1,364 @@
+"""The report: Markdown tables (for the terminal and the README) and the JSON of a run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .runner import ROWS, TARGETS, Results
+from .stats import median, ratio
+from .summary import FLOOR, Aggregate, aggregate
+
+__all__ = ["fmt", "render", "render_table", "summary_json", "verdicts"]
+
+_MB = 1024.0
+NOISY_PCT = 10.0
+"""A row whose proxy CPU spent this much (percent) on other work is flagged as noisy."""
+
+
+def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    """A number for a table cell, ``—`` when there is none."""
+    if value is None:
+        return "—"
+    if digits == 0:
+        return f"{value:,.0f}{suffix}"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table padded for reading in a terminal; text left, everything else right."""
+    widths = [len(cell) for cell in header]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"row {row!r} has {len(row)} cells, the header {len(header)}")
+        widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
+    numeric = [bool(rows) and all(_numeric(row[i]) for row in rows) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.rjust(width) if right else cell.ljust(width)
+            for cell, width, right in zip(cells, widths, numeric, strict=True)
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = [
+        ("-" * (width - 1) + ":") if right else "-" * width
+        for width, right in zip(widths, numeric, strict=True)
+    ]
+    return "\n".join([line(header), "| " + " | ".join(rule) + " |", *map(line, rows)])
+
+
+def _numeric(cell: str) -> bool:
+    stripped = cell.replace(",", "").replace("×", "").replace("+", "").replace("-", "")
+    return cell == "—" or stripped.replace(".", "", 1).strip().isdigit()
+
+
+def _mb(kb: float | None) -> float | None:
+    return None if kb is None else kb / _MB
+
+
+def _load_table(aggs: dict[tuple[str, str], Aggregate]) -> str:
+    header = [
+        "row",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms/req",
+        "× floor",
+        "req/s × floor",
+        "peak RSS MB",
+        "errors",
+        "mock ms/req",
+        "CPU0 other %",
+    ]
+    rows = []
+    for spec in ROWS:
+        for target in TARGETS:
+            agg = aggs.get((spec.name, target))
+            if agg is None:
+                continue
+            rows.append(
+                [
+                    spec.name,
+                    target,
+                    fmt(agg.get("rps"), 0),
+                    fmt(agg.get("p50_ms")),
+                    fmt(agg.get("p99_ms")),
+                    fmt(agg.get("cpu_ms"), 3),
+                    fmt(agg.cpu_ratio, 2, "×"),
+                    fmt(agg.rps_ratio, 2, "×"),
+                    fmt(_mb(agg.get("peak_rss_kb")), 1),
+                    str(agg.errors),
+                    fmt(agg.get("upstream_cpu_ms"), 3),
+                    fmt(agg.get("other_cpu_pct"), 1),
+                ]
+            )
+    return render_table(header, rows)
+
+
+def _ttfb_table(aggs: dict[tuple[str, str], Aggregate]) -> str:
+    header = ["row", "target", "TTFB p50 ms", "TTFB p99 ms", "added TTFB p50 ms"]
+    rows = []
+    for spec in ROWS:
+        if not spec.ttfb:
+            continue
+        for target in TARGETS:
+            agg = aggs.get((spec.name, target))
+            if agg is None:
+                continue
+            rows.append(
+                [
+                    spec.name,
+                    target,
+                    fmt(agg.get("ttfb_p50_ms"), 3),
+                    fmt(agg.get("ttfb_p99_ms"), 3),
+                    fmt(agg.ttfb_added_ms, 3) if target != FLOOR else "(floor)",
+                ]
+            )
+    return render_table(header, rows)
+
+
+def _paced_table(paced: dict[str, dict[str, Any]]) -> str:
+    header = ["target", "events × pace", "first event ms", "last event ms", "streams?"]
+    rows = []
+    for target, data in paced.items():
+        arrivals = data.get("arrivals_ms") or []
+        rows.append(
+            [
+                target,
+                f"{data['events']} × {data['pace_ms']:g} ms",
+                fmt(arrivals[0] if arrivals else None, 1),
+                fmt(arrivals[-1] if arrivals else None, 1),
+                "yes" if data.get("streamed") else "NO (buffered)",
+            ]
+        )
+    return render_table(header, rows)
+
+
+def _memory_table(results: Results) -> str:
+    header = [
+        "target",
+        "idle RSS MB (fresh, each run)",
+        "after load 1",
+        "after load 2",
+        "peak",
+        "after load 2 / idle",
+    ]
+    rows = []
+    memory = results.memory
+    for target in TARGETS:
+        idle = results.idle_rss_kb.get(target)
+        if not idle and target != memory.get("target"):
+            continue
+        idle_cell = ", ".join(fmt(_mb(kb), 1) for kb in idle) if idle else "—"
+        after: list[int | None] = [None, None]
+        peak = growth = None
+        if memory.get("target") == target:
+            after = list(memory.get("after_load_kb") or [None, None])
+            peak = memory.get("peak_kb")
+            growth = ratio(after[-1], memory.get("idle_kb"))
+            idle_cell += f" (memory run: {fmt(_mb(memory.get('idle_kb')), 1)})"
+        rows.append(
+            [
+                target,
+                idle_cell,
+                fmt(_mb(after[0]), 1),
+                fmt(_mb(after[-1]), 1),
+                fmt(_mb(peak), 1),
+                fmt(growth, 2, "×"),
+            ]
+        )
+    return render_table(header, rows)
+
+
+def _workers_table(results: Results) -> str:
+    aggs = aggregate(results.workers)
+    header = [
+        "target, chat c=64",
+        "workers",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms/req (all)",
+        "× 1 worker",
+    ]
+    rows = []
+    for target in TARGETS:
+        for count in (1, 2):
+            agg = aggs.get((f"workers-{count}", target))
+            if agg is None:
+                continue
+            scale = _workers_scale(results, target) if count == 2 else 1.0
+            rows.append(
+                [
+                    target,
+                    str(count),
+                    fmt(agg.get("rps"), 0),
+                    fmt(agg.get("p50_ms")),
+                    fmt(agg.get("p99_ms")),
+                    fmt(agg.get("cpu_ms"), 3),
+                    fmt(scale, 2, "×"),
+                ]
+            )
+    return render_table(header, rows)
+
+
+def _workers_scale(results: Results, target: str) -> float | None:
+    """Median over runs of (req/s with 2 workers) / (req/s with 1), within each run."""
+    by_run: dict[int, dict[str, float | None]] = {}
+    for m in results.workers:
+        if m.target == target:
+            by_run.setdefault(m.run, {})[m.row] = m.rps
+    return median(ratio(r.get("workers-2"), r.get("workers-1")) for r in by_run.values())
+
+
+def verdicts(results: Results) -> list[list[str]]:
+    """Each target of the issue: the figure measured, the goal, met or not."""
+    aggs = aggregate(results.measurements)
+    out: list[list[str]] = []
+
+    def add(name: str, value: float | None, goal: float, unit: str, at_most: bool = True) -> None:
+        if value is None:  # not selected (--only), or the row failed: see the notes
+            return
+        met = value <= goal if at_most else value >= goal
+        out.append(
+            [
+                name,
+                f"{value:,.3g}{unit}",
+                f"{'≤' if at_most else '≥'} {goal:g}{unit}",
+                "met" if met else "MISSED",
+            ]
+        )
+
+    for row in ("chat-c1", "chat-c16", "chat-c64", "embed-c16"):
+        agg = aggs.get((row, "sidegate-bare"))
+        add(f"bare CPU/req vs floor, {row}", agg.cpu_ratio if agg else None, 1.2, "×")
+    for row in ("chat-c1", "chat-c16", "chat-c64", "sse-c16", "sse-c1", "embed-c16"):
+        agg = aggs.get((row, "sidegate-full"))
+        add(f"full CPU/req vs floor, {row}", agg.cpu_ratio if agg else None, 2.0, "×")
+    for target in ("sidegate-bare", "sidegate-full"):
+        agg = aggs.get(("sse-c1", target))
+        add(f"{target}: added TTFB p50 at c=1", agg.ttfb_added_ms if agg else None, 0.5, " ms")
+    for target in ("sidegate-bare", "sidegate-full"):
+        idle = results.idle_rss_kb.get(target)
+        add(f"{target} idle RSS", _mb(median(idle or [])), 60, " MB")
+    memory = results.memory
+    growth = ratio((memory.get("after_load_kb") or [None])[-1], memory.get("idle_kb"))
+    add(
+        f"sidegate-full RSS after 2 × {memory.get('sustain_s', 0):g} s load / idle",
+        growth,
+        1.5,
+        "×",
+    )
+    for target in ("sidegate-bare", "sidegate-full"):
+        scale = _workers_scale(results, target)
+        add(f"{target} --workers 2 req/s vs 1", scale, 1.6, "×", at_most=False)
+    out.append(
+        [
+            "cached 16×1536 embeddings CPU < forwarded",
+            "—",
+            "< forwarding",
+            "not measured: the embeddings cache has not landed",
+        ]
+    )
+    return out
+
+
+def render(results: Results, meta: dict[str, Any]) -> str:
+    """The whole report as Markdown."""
+    aggs = aggregate(results.measurements)
+    machine = meta["machine"]
+    parts = [
+        f"## sidegate benchmark — {meta['date']}",
+        "",
+        f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}), {machine['kernel']}, "
+        f"Python {meta['python']}, aiohttp {meta['aiohttp']}; sidegate {meta['commit']}.",
+        f"Command: `{meta['command']}`. {meta['runs']} run(s) × {meta['duration_s']:g} s per row "
+        f"(after {meta['warmup_s']:g} s warm-up); figures are medians over runs, ratios are "
+        "taken within a run then the median reported.",
+        f"Pinning: {meta['pinning']}. Load average before / after: {meta['load_before']} / "
+        f"{meta.get('load_after', '?')}.",
+        "",
+        "### Load (wrk; sse-c1 by the aiohttp SSE client)",
+        "",
+        "CPU ms/req is the process under test's utime+stime over the requests it completed; "
+        "× floor is that over the passthrough's, same run. mock ms/req: the upstream mock's own "
+        "CPU per request (it must stay far below the proxies'). CPU0 other %: how much of the "
+        "proxy's CPU went to anything else during the row (other processes, interrupts, "
+        "hypervisor steal): the row's noise.",
+        "",
+        _load_table(aggs),
+    ]
+    if any((spec.name, target) in aggs for spec in ROWS if spec.ttfb for target in TARGETS):
+        parts += ["", "### Time to first SSE byte (aiohttp client)", "", _ttfb_table(aggs)]
+    if results.paced:
+        parts += [
+            "",
+            "### Streaming without buffering (paced upstream)",
+            "",
+            _paced_table(results.paced),
+        ]
+    if results.memory or results.idle_rss_kb:
+        parts += ["", "### Memory", "", _memory_table(results)]
+    if results.workers:
+        parts += [
+            "",
+            "### `sidegate serve --workers` (every process on both CPUs)",
+            "",
+            _workers_table(results),
+        ]
+    parts += [
+        "",
+        "### Against the targets of issue 7",
+        "",
+        render_table(["target", "measured", "goal", "verdict"], verdicts(results)),
+    ]
+    notes = [*results.problems, *results.notes]
+    noisy = [
+        f"{agg.row}/{agg.target} {other:.0f}%"
+        for agg in aggs.values()
+        if (other := agg.get("other_cpu_pct")) is not None and other >= NOISY_PCT
+    ]
+    if noisy:
+        notes.append(
+            f"noisy rows (CPU0 other ≥ {NOISY_PCT:g}%: something else ran on the proxy's CPU), "
+            f"whose CPU ms/req and ratios are unreliable: {', '.join(noisy)}"
+        )
+    for target, counts in results.log_counts.items():
+        if not counts:
+            continue
+        found = ", ".join(f"{name}: {count:,}" for name, count in sorted(counts.items()))
+        notes.append(f"{target}'s log (all its sessions): {found}")
+    if results.store_written is not None:
+        notes.append(
+            "sidegate-full's sqlite store was written: budgets and limits were enforced"
+            if results.store_written
+            else "sidegate-full's sqlite store was never written: this sidegate accepts the "
+            "limits but does not enforce them yet"
+        )
+    if notes:
+        parts += ["", "### Notes", "", *(f"- {note}" for note in notes)]
+    return "\n".join(parts)
+
+
+def summary_json(results: Results, meta: dict[str, Any]) -> dict[str, Any]:
+    """Everything, for ``bench/results/<stamp>/results.json``."""
+    aggs = aggregate(results.measurements)
+    return {
+        "meta": meta,
+        "aggregates": [agg.to_json() for agg in aggs.values()],
+        "measurements": [m.to_json() for m in results.measurements],
+        "ttfb_paced": results.paced,
+        "idle_rss_kb": results.idle_rss_kb,
+        "memory": results.memory,
+        "workers": [m.to_json() for m in results.workers],
+        "workers_scale": {
+            target: _workers_scale(results, target) for target in TARGETS if "sidegate" in target
+        },
+        "store_written": results.store_written,
+        "log_counts": results.log_counts,
+        "verdicts": verdicts(results),
+        "notes": results.notes,
+        "problems": results.problems,
+    }

@@ -1,0 +1,474 @@
+"""Running the benchmark: every target, every row, every run; then memory and workers.
+
+Pinning (on a machine with at least two CPUs): the process under test on CPU 0; the upstream
+mock, ``wrk``, the SSE client and this orchestrator on CPU 1. The ``--workers`` comparison lets
+every process use both CPUs (two workers need both).
+
+Per run, each target is started fresh, checked (:func:`~bench.targets.probe`), then measured row
+by row: a warm-up at the row's concurrency, a CPU sample of the proxy (and the mock), the measured
+load, a second sample. The peak RSS reported for a row is the process's ``VmHWM`` after it, i.e.
+the peak so far in that target's session (rows run in the order of :data:`ROWS`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .load import LoadResult, render_lua, run_sse_client, run_wrk, ttfb_result
+from .procstat import core_ticks, cpu_ms_per_request, memory_kb, other_share, sample_cpu
+from .sidegate_setup import Configs, render_configs, sidegate_env, workers_supported
+from .summary import Measurement
+from .targets import (
+    Process,
+    free_port,
+    probe,
+    start_passthrough,
+    start_sidegate,
+    start_upstream,
+    wait_ready,
+)
+from .workloads import WORKLOADS
+
+__all__ = ["ROWS", "SECTIONS", "TARGETS", "Options", "Results", "RowSpec", "run"]
+
+TARGETS = ("direct", "passthrough", "sidegate-bare", "sidegate-full")
+SECTIONS = ("paced", "memory", "workers")
+PACED_EVENTS = 10
+PACED_MS = 50.0
+
+
+@dataclass(frozen=True, slots=True)
+class RowSpec:
+    """A row: a workload at a concurrency, loaded by wrk, by the SSE client, or both."""
+
+    name: str
+    workload: str
+    concurrency: int
+    wrk: bool = True
+    ttfb: bool = False
+
+
+ROWS = (
+    RowSpec("chat-c1", "chat", 1),
+    RowSpec("chat-c16", "chat", 16),
+    RowSpec("chat-c64", "chat", 64),
+    RowSpec("sse-c16", "stream", 16, ttfb=True),
+    RowSpec("sse-c1", "stream", 1, wrk=False, ttfb=True),
+    RowSpec("embed-c16", "embeddings", 16),
+)
+"""The rows, in the order they run against each target."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to run and for how long."""
+
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    runs: int = 2
+    sustain_s: float = 60.0
+    events: int = 20
+    targets: tuple[str, ...] = TARGETS
+    rows: tuple[str, ...] = tuple(row.name for row in ROWS)
+    sections: tuple[str, ...] = SECTIONS
+    proxy_cpus: str | None = "0"
+    load_cpus: str | None = "1"
+    all_cpus: str | None = "0,1"
+
+
+@dataclass
+class Results:
+    """Everything measured, and what the reader must know about it."""
+
+    measurements: list[Measurement] = field(default_factory=list)
+    paced: dict[str, dict[str, Any]] = field(default_factory=dict)
+    idle_rss_kb: dict[str, list[int]] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    workers: list[Measurement] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    log_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per sidegate target: access-log lines, and unhandled errors by where they were raised."""
+    store_written: bool | None = None
+    """Whether sidegate-full wrote its sqlite store (None: not run)."""
+
+
+@dataclass
+class _Context:
+    options: Options
+    directory: Path
+    configs: Configs
+    scripts: dict[str, Path]
+    say: Callable[[str], None]
+    results: Results
+
+
+def run(options: Options, directory: Path, say: Callable[[str], None] = print) -> Results:
+    """Run what ``options`` selects, writing logs and scripts into ``directory``."""
+    results = Results()
+    scripts = {name: render_lua(workload, directory) for name, workload in WORKLOADS.items()}
+    probe_db = directory / "check.db"
+    configs = render_configs(directory, sidegate_env("http://127.0.0.1:9", probe_db))
+    results.notes.append(f"sidegate-full: {configs.note}")
+    ctx = _Context(options, directory, configs, scripts, say, results)
+    if options.rows or "paced" in options.sections:
+        for index in range(options.runs):
+            say(f"run {index + 1}/{options.runs}")
+            _one_run(ctx, index)
+    if "memory" in options.sections:
+        _memory(ctx)
+    if "workers" in options.sections:
+        if workers_supported():
+            for index in range(options.runs):
+                _workers(ctx, index)
+        else:
+            results.notes.append("this sidegate has no `serve --workers`: no scaling figure")
+    for path in directory.glob("*.db*"):  # the sessions' sqlite stores: the bench's own spend
+        path.unlink()
+    return results
+
+
+def _one_run(ctx: _Context, index: int) -> None:
+    options = ctx.options
+    log = ctx.directory / f"upstream-run{index + 1}.log"
+    upstream = start_upstream(free_port(), cpus=options.load_cpus, log=log, events=options.events)
+    try:
+        wait_ready(upstream)
+        for target in options.targets:
+            ctx.say(f"  {target}")
+            _session(ctx, index, target, upstream)
+    finally:
+        upstream.stop()
+
+
+def _start(
+    ctx: _Context,
+    target: str,
+    upstream: Process,
+    label: str,
+    *,
+    cpus: str | None,
+    workers: int = 1,
+) -> Process | None:
+    """Start ``target`` in front of ``upstream`` (None for ``direct``), ready to measure."""
+    if target == "direct":
+        return None
+    log = ctx.directory / f"{target}-{label}.log"
+    if target == "passthrough":
+        process = start_passthrough(free_port(), upstream.url, cpus=cpus, log=log)
+    else:
+        full = target == "sidegate-full"
+        db = _db_path(ctx, target, label)
+        process = start_sidegate(
+            target,
+            ctx.configs.full if full else ctx.configs.bare,
+            free_port(),
+            cpus=cpus,
+            log=log,
+            log_level="info" if full else "warning",
+            env=sidegate_env(upstream.url, db),
+            workers=workers,
+        )
+    try:
+        wait_ready(process)
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
+def _db_path(ctx: _Context, target: str, label: str) -> Path:
+    return ctx.directory / f"{target}-{label}.db"
+
+
+def _session(ctx: _Context, index: int, target: str, upstream: Process) -> None:
+    options, results = ctx.options, ctx.results
+    label = f"run{index + 1}"
+    try:
+        process = _start(ctx, target, upstream, label, cpus=options.proxy_cpus)
+    except RuntimeError as exc:
+        results.problems.append(f"{target} ({label}) did not start: {exc}")
+        return
+    url = process.url if process is not None else upstream.url
+    try:
+        problems = probe(url)
+        if problems:
+            results.problems.append(f"{target} ({label}) answers wrongly: {'; '.join(problems)}")
+            return
+        if process is not None:
+            rss = memory_kb(process.pid, with_children=process.with_children)
+            if rss is not None:
+                results.idle_rss_kb.setdefault(target, []).append(rss)
+        for row in ROWS:
+            if row.name in options.rows:
+                m = _measure_row(ctx, row, target, index, url, process, upstream)
+                results.measurements.append(m)
+                rps = f"{m.rps:,.0f}" if m.rps else "?"
+                cpu = f"{m.cpu_ms:.3f} ms CPU/req" if m.cpu_ms is not None else ""
+                ctx.say(f"    {row.name}: {rps} req/s {cpu} {m.detail}".rstrip())
+        if "paced" in options.sections and index == 0:
+            results.paced[target] = run_sse_client(
+                "paced",
+                url + WORKLOADS["stream"].path,
+                options.load_cpus or "0-1",
+                "--events",
+                str(PACED_EVENTS),
+                "--pace-ms",
+                str(PACED_MS),
+            )
+    finally:
+        if process is not None:
+            process.stop()
+            _scan_log(ctx, process)
+        if target == "sidegate-full" and results.store_written is None:
+            db = _db_path(ctx, target, label)
+            results.store_written = db.exists() and db.stat().st_size > 0
+
+
+def _scan_log(ctx: _Context, process: Process) -> None:
+    """Count access-log lines and unhandled errors (by where they were raised) in sidegate's log.
+
+    A big log is then cut to its tail: the access log of a run is tens of megabytes.
+    """
+    if not process.name.startswith("sidegate"):
+        return
+    text = process.log.read_text(errors="replace")
+    lines = text.splitlines()
+    counts = ctx.results.log_counts.setdefault(process.name, {})
+    for line in lines:
+        if '"event":"request"' in line:
+            counts["access-log lines"] = counts.get("access-log lines", 0) + 1
+        elif '"unhandled_error"' in line:
+            where = _unhandled_where(line)
+            counts[where] = counts.get(where, 0) + 1
+    if len(text) > 2_000_000:
+        process.log.write_text(
+            "\n".join(["[... cut by bench: kept the last 200 lines]", *lines[-200:]]) + "\n"
+        )
+
+
+def _unhandled_where(line: str) -> str:
+    """``unhandled_error Type at file:line`` of a JSON log line (its innermost sidegate frame)."""
+    try:
+        event = orjson.loads(line)
+        exception = event["exception"][0]
+        frames = [f for f in exception["frames"] if "/sidegate/" in f["filename"]]
+        frame = frames[-1] if frames else exception["frames"][-1]
+        place = f"{frame['filename'].rpartition('/sidegate/')[2]}:{frame['lineno']}"
+        return f"unhandled_error {exception['exc_type']} at {place}"
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return "unhandled_error"
+
+
+def _measure_row(
+    ctx: _Context,
+    row: RowSpec,
+    target: str,
+    index: int,
+    url: str,
+    process: Process | None,
+    upstream: Process,
+) -> Measurement:
+    options = ctx.options
+    load_cpus = options.load_cpus or "0-1"
+    workload = WORKLOADS[row.workload]
+    endpoint = url + workload.path
+    m = Measurement(row=row.name, target=target, run=index)
+    if row.wrk:
+        script = ctx.scripts[row.workload]
+
+        def load() -> LoadResult:
+            return run_wrk(
+                endpoint,
+                script,
+                connections=row.concurrency,
+                duration_s=options.duration_s,
+                cpus=load_cpus,
+            )
+
+        if options.warmup_s > 0:
+            run_wrk(
+                endpoint,
+                script,
+                connections=row.concurrency,
+                duration_s=options.warmup_s,
+                cpus=load_cpus,
+            )
+        m = _sampled(m, load, process, upstream, _core(options))
+    if row.ttfb:
+
+        def client() -> LoadResult:
+            data = run_sse_client(
+                "ttfb",
+                endpoint,
+                load_cpus,
+                "--concurrency",
+                str(row.concurrency),
+                "--duration",
+                str(options.duration_s),
+            )
+            return ttfb_result(data)
+
+        if row.wrk:
+            timed = client()
+            m = replace(m, ttfb_p50_ms=timed.ttfb_p50_ms, ttfb_p99_ms=timed.ttfb_p99_ms)
+            if timed.errors:
+                m.detail = f"{m.detail}; SSE client: {timed.errors} errors {timed.detail}".strip()
+        else:
+            m = _sampled(m, client, process, upstream, _core(options))
+    return m
+
+
+def _core(options: Options) -> int | None:
+    """The one CPU the proxy is pinned to, if it is pinned to one."""
+    cpus = options.proxy_cpus
+    return int(cpus) if cpus is not None and cpus.isdigit() else None
+
+
+def _sampled(
+    m: Measurement,
+    load: Callable[[], LoadResult],
+    process: Process | None,
+    upstream: Process,
+    core: int | None = None,
+) -> Measurement:
+    """Run ``load`` between two CPU samples of the proxy, of the upstream, and of ``core``.
+
+    ``core`` is the CPU the proxy is pinned to (None: not pinned, no noise figure).
+    """
+    family = process is not None and process.with_children
+    core_before = core_ticks(core) if core is not None else None
+    proxy_before = sample_cpu(process.pid, with_children=family) if process else None
+    upstream_before = sample_cpu(upstream.pid)
+    result = load()
+    upstream_after = sample_cpu(upstream.pid)
+    proxy_after = sample_cpu(process.pid, with_children=family) if process else None
+    core_after = core_ticks(core) if core is not None else None
+    completed = result.requests
+    other = None
+    if core is not None and core_before is not None and core_after is not None:
+        own = proxy_after.ticks - proxy_before.ticks if proxy_after and proxy_before else 0
+        share = other_share(core_before, core_after, own)
+        other = share * 100.0 if share is not None else None
+    return replace(
+        m,
+        requests=completed,
+        errors=result.errors,
+        rps=result.rps,
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        ttfb_p50_ms=result.ttfb_p50_ms,
+        ttfb_p99_ms=result.ttfb_p99_ms,
+        cpu_ms=(
+            cpu_ms_per_request(proxy_before, proxy_after, completed)
+            if proxy_before is not None and proxy_after is not None
+            else None
+        ),
+        upstream_cpu_ms=cpu_ms_per_request(upstream_before, upstream_after, completed),
+        other_cpu_pct=other,
+        rss_kb=memory_kb(process.pid, with_children=family) if process else None,
+        peak_rss_kb=memory_kb(process.pid, "VmHWM", with_children=family) if process else None,
+        detail=result.detail,
+    )
+
+
+def _memory(ctx: _Context) -> None:
+    """sidegate-full: RSS idle, then after each of two sustained mixed loads (no growth)."""
+    options, results = ctx.options, ctx.results
+    ctx.say(f"memory: sidegate-full, idle then 2 x {options.sustain_s:g} s of load")
+    log = ctx.directory / "upstream-memory.log"
+    upstream = start_upstream(free_port(), cpus=options.load_cpus, log=log, events=options.events)
+    process = None
+    try:
+        wait_ready(upstream)
+        process = _start(ctx, "sidegate-full", upstream, "memory", cpus=options.proxy_cpus)
+        assert process is not None
+        if probe(process.url):
+            results.problems.append("sidegate-full (memory) answers wrongly")
+            return
+        report: dict[str, Any] = {"target": "sidegate-full", "sustain_s": options.sustain_s}
+        report["idle_kb"] = memory_kb(process.pid)
+        after = []
+        for _ in range(2):
+            for name in ("chat", "stream", "embeddings"):
+                run_wrk(
+                    process.url + WORKLOADS[name].path,
+                    ctx.scripts[name],
+                    connections=16,
+                    duration_s=options.sustain_s / 3,
+                    cpus=options.load_cpus or "0-1",
+                )
+            time.sleep(1.0)
+            after.append(memory_kb(process.pid))
+        report["after_load_kb"] = after
+        report["peak_kb"] = memory_kb(process.pid, "VmHWM")
+        results.memory = report
+    finally:
+        if process is not None:
+            process.stop()
+            _scan_log(ctx, process)
+        upstream.stop()
+
+
+def _workers(ctx: _Context, index: int) -> None:
+    """Each sidegate target with 1 then 2 workers, every process free to use both CPUs."""
+    options, results = ctx.options, ctx.results
+    cpus = options.all_cpus
+    load_cpus = cpus or "0-1"
+    log = ctx.directory / f"upstream-workers-run{index + 1}.log"
+    upstream = start_upstream(free_port(), cpus=cpus, log=log, events=options.events)
+    try:
+        wait_ready(upstream)
+        for target in options.targets:
+            if not target.startswith("sidegate"):
+                continue
+            ctx.say(f"workers: {target}, 1 then 2 workers, chat c=64 (run {index + 1})")
+            for count in (1, 2):
+                label = f"workers{count}-run{index + 1}"
+                process = _start(ctx, target, upstream, label, cpus=cpus, workers=count)
+                assert process is not None
+                try:
+                    endpoint = process.url + WORKLOADS["chat"].path
+                    script = ctx.scripts["chat"]
+
+                    def load(seconds: float, url: str = endpoint, lua: Path = script) -> LoadResult:
+                        return run_wrk(url, lua, connections=64, duration_s=seconds, cpus=load_cpus)
+
+                    if options.warmup_s > 0:
+                        load(options.warmup_s)
+                    m = Measurement(row=f"workers-{count}", target=target, run=index)
+                    m = _sampled(m, lambda: load(options.duration_s), process, upstream)
+                    results.workers.append(m)
+                    ctx.say(f"    {count} worker(s): {m.rps or 0:,.0f} req/s")
+                finally:
+                    process.stop()
+                    _scan_log(ctx, process)
+    finally:
+        upstream.stop()
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures come from: CPUs, CPU model, kernel, Python."""
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    uname = os.uname()
+    return {
+        "cpus": os.cpu_count(),
+        "usable_cpus": sorted(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": f"{uname.sysname} {uname.release}",
+        "machine": uname.machine,
+    }

@@ -1,0 +1,397 @@
+"""The benchmark harness's pure parts, and its mock upstream and passthrough answering correctly.
+
+No load is generated here (wrk never runs): speed is what ``python -m bench`` measures, never a
+unit test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+
+# bench/ is a folder of the checkout (run as `python -m bench` from its root), not installed.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from bench import procstat, sse_client
+from bench.cli import select
+from bench.load import parse_wrk_output, render_lua
+from bench.passthrough import make_app
+from bench.profile import package_of, parse_collapsed
+from bench.report import fmt, render_table
+from bench.runner import ROWS, SECTIONS, TARGETS
+from bench.sidegate_setup import TEMPLATES, deep_merge, sidegate_env
+from bench.stats import median, percentile, ratio
+from bench.summary import Measurement, aggregate
+from bench.targets import probe
+from bench.upstream import UpstreamSettings, start_upstream
+from bench.workloads import (
+    BENCH_KEY,
+    CHAT_BODY,
+    EMBED_BODY,
+    EMBED_DIMENSIONS,
+    EMBED_INPUTS,
+    STREAM_BODY,
+    WORKLOADS,
+)
+from sidegate.config import load_config
+from tests.conftest import AiohttpServer
+
+AUTH = {"Authorization": f"Bearer {BENCH_KEY}", "Content-Type": "application/json"}
+EVENTS = 5
+
+# -- /proc -------------------------------------------------------------------------------------
+
+
+def test_stat_ticks_are_utime_plus_stime_even_with_a_strange_command_name() -> None:
+    fields = ["S", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "250", "75", "11", "12"]
+    stat = "4242 (we (ird) name) " + " ".join(fields) + " 20 0 1 0 0"
+    assert procstat.parse_stat_ticks(stat) == 325
+
+
+def test_status_lines_in_kb() -> None:
+    status = "Name:\tpython\nVmHWM:\t   76416 kB\nVmRSS:\t   69620 kB\n"
+    assert procstat.parse_status_kb(status, "VmHWM") == 76416
+    assert procstat.parse_status_kb(status, "VmRSS") == 69620
+    assert procstat.parse_status_kb(status, "VmSwap") is None
+
+
+def test_cpu_ms_per_request_from_two_samples() -> None:
+    before = procstat.CpuSample(1_000, ticks_per_s=100)
+    after = procstat.CpuSample(1_250, ticks_per_s=100)  # 2.5 s of CPU
+    assert procstat.cpu_ms_per_request(before, after, 1_000) == pytest.approx(2.5)
+    assert procstat.cpu_ms_per_request(before, after, 0) is None
+
+
+def test_the_noise_on_the_proxys_cpu_is_what_it_did_besides_the_proxy() -> None:
+    stat = (
+        "cpu  900 0 300 5000 10 0 0 0 0 0\n"
+        "cpu0 400 0 100 2000 5 0 0 20 0 0\n"
+        "cpu1 500 0 200 3000 5 0 0 0 0 0\n"
+    )
+    assert procstat.parse_core_ticks(stat, 0) == (520, 2525)  # steal counts as busy
+    assert procstat.parse_core_ticks(stat, 1) == (700, 3705)
+    with pytest.raises(ValueError, match="cpu2"):
+        procstat.parse_core_ticks(stat, 2)
+    # 1000 ticks elapsed, 900 busy, 800 of them the proxy's own: 10% went elsewhere.
+    assert procstat.other_share((0, 0), (900, 1000), 800) == pytest.approx(0.1)
+    assert procstat.other_share((0, 0), (900, 1000), 950) == 0.0
+    assert procstat.other_share((5, 5), (5, 5), 0) is None
+
+
+def test_py_spy_stacks_are_summed_by_their_innermost_frame() -> None:
+    raw = (
+        "<module> (bench/passthrough.py:72);run (asyncio/base_events.py:1) 7\n"
+        "main (sidegate/proxy/cli.py:1);_transaction (sidegate/middlewares/store/db.py:9) 5\n"
+        "main (sidegate/proxy/cli.py:1);_transaction (sidegate/middlewares/store/db.py:10) 3\n"
+        "not a stack\n"
+    )
+    profile = parse_collapsed(raw)
+    assert profile.samples == 15
+    assert profile.packages == {"asyncio": 7, "sidegate": 8}
+    assert profile.self_time["_transaction (sidegate/middlewares/store/db.py)"] == 8
+    assert package_of("aiohttp/web_protocol.py") == "aiohttp"
+    assert package_of("/usr/lib/python3.11/uuid.py") == "python stdlib/other"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_samples_of_a_live_process_and_its_children() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        parent = os.getpid()
+        assert child.pid in procstat.children(parent)
+        alone = procstat.sample_cpu(parent)
+        family = procstat.sample_cpu(parent, with_children=True)
+        assert family.ticks >= alone.ticks >= 0
+        rss = procstat.memory_kb(parent)
+        peak = procstat.memory_kb(parent, "VmHWM")
+        assert rss is not None
+        assert peak is not None
+        assert peak >= rss > 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+# -- statistics, aggregation, the table --------------------------------------------------------
+
+
+def test_percentile_interpolates_and_median_skips_missing_values() -> None:
+    samples = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(samples, 0) == 1.0
+    assert percentile(samples, 50) == 2.5
+    assert percentile(samples, 100) == 4.0
+    assert percentile(list(map(float, range(1, 101))), 99) == pytest.approx(99.01)
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError, match="percentile"):
+        percentile(samples, 101)
+    assert median([3.0, None, 1.0, 2.0]) == 2.0
+    assert median([None]) is None
+
+
+def test_ratio() -> None:
+    assert ratio(3.0, 1.5) == 2.0
+    assert ratio(None, 1.0) is None
+    assert ratio(1.0, None) is None
+    assert ratio(1.0, 0.0) is None
+
+
+def test_ratios_are_taken_within_a_run_then_the_median_over_runs() -> None:
+    def m(target: str, run: int, cpu: float, rps: float, ttfb: float) -> Measurement:
+        return Measurement("chat-c16", target, run, 100, 0, rps, 1.0, 2.0, cpu, ttfb_p50_ms=ttfb)
+
+    aggs = aggregate(
+        [
+            m("passthrough", 0, 0.5, 2000, 1.0),
+            m("sidegate-bare", 0, 0.6, 1800, 1.2),  # 1.2x the floor of run 0
+            m("passthrough", 1, 1.0, 1000, 2.0),  # a slower run: the floor moved too
+            m("sidegate-bare", 1, 1.4, 800, 2.4),  # 1.4x the floor of run 1
+        ]
+    )
+    bare = aggs[("chat-c16", "sidegate-bare")]
+    assert bare.runs == 2
+    assert bare.requests == 200
+    assert bare.cpu_ratio == pytest.approx(1.3)
+    assert bare.rps_ratio == pytest.approx(0.85)
+    assert bare.ttfb_added_ms == pytest.approx(0.3)
+    assert bare.get("cpu_ms") == pytest.approx(1.0)
+    floor = aggs[("chat-c16", "passthrough")]
+    assert floor.cpu_ratio is None
+
+
+def test_table_aligns_numbers_right_and_text_left() -> None:
+    table = render_table(
+        ["row", "req/s", "ratio"], [["chat-c1", "1,234", "1.20×"], ["x", "5", "—"]]
+    )
+    assert table.splitlines() == [
+        "| row     | req/s | ratio |",
+        "| ------- | ----: | ----: |",
+        "| chat-c1 | 1,234 | 1.20× |",
+        "| x       |     5 |     — |",
+    ]
+    with pytest.raises(ValueError, match="cells"):
+        render_table(["a", "b"], [["only one"]])
+    assert fmt(None) == "—"
+    assert fmt(1234.5, 0) == "1,234"
+    assert fmt(1.23456, 3, " ms") == "1.235 ms"
+
+
+# -- wrk, --only, the configs --------------------------------------------------------------------
+
+WRK_OUTPUT = """\
+Running 2s test @ http://127.0.0.1:9301/v1/chat/completions
+  1 threads and 16 connections
+Requests/sec:   2100.10
+BENCH_RESULT {"requests": 4200, "duration_us": 2000000, "bytes": 1, "errors": {"connect": 0, \
+"read": 0, "write": 0, "status": 3, "timeout": 1}, "latency_us": {"p50": 7245, "p90": 10478, \
+"p99": 21265, "mean": 7741.6, "max": 33831}}
+"""
+
+
+def test_wrk_output_is_parsed_from_the_lua_done_line() -> None:
+    result = parse_wrk_output(WRK_OUTPUT)
+    assert result.requests == 4200
+    assert result.rps == pytest.approx(2100.0)
+    assert (result.p50_ms, result.p99_ms) == (pytest.approx(7.245), pytest.approx(21.265))
+    assert result.errors == 4
+    assert result.detail == "status 3, timeout 1"
+    with pytest.raises(ValueError, match="BENCH_RESULT"):
+        parse_wrk_output("Requests/sec: 1\n")
+
+
+def test_each_workload_renders_a_lua_script(tmp_path: Path) -> None:
+    for workload in WORKLOADS.values():
+        text = render_lua(workload, tmp_path).read_text()
+        assert f'wrk.path = "{workload.path}"' in text
+        assert f"[==[{workload.body.decode()}]==]" in text
+        assert f"Bearer {BENCH_KEY}" in text
+        assert "function done(summary, latency, requests)" in text
+
+
+def test_only_selects_targets_rows_and_sections_and_keeps_the_floor() -> None:
+    every_row = tuple(row.name for row in ROWS)
+    assert select(None) == (TARGETS, every_row, SECTIONS, "")
+    targets, rows, sections, note = select("sidegate-full,chat-c16")
+    assert targets == ("passthrough", "sidegate-full")
+    assert (rows, sections) == (("chat-c16",), ())
+    assert "passthrough added" in note
+    assert select("memory")[1:3] == ((), ("memory",))
+    assert select("direct")[:3] == (("direct",), every_row, SECTIONS)
+    with pytest.raises(ValueError, match="unknown in --only: nope"):
+        select("nope")
+
+
+def test_the_config_templates_are_valid_sidegate_configs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in sidegate_env("http://127.0.0.1:9", tmp_path / "b.db").items():
+        monkeypatch.setenv(name, value)
+    bare = load_config(TEMPLATES / "bare.yaml")
+    assert bare.retry.max_attempts == 1
+    assert bare.store.kind == "memory"
+    full = load_config(TEMPLATES / "full.yaml")
+    assert len(full.upstreams["meridian"].keys) == 2
+    assert full.rate_limit_headers.mode == "team"
+    merged = deep_merge(
+        yaml.safe_load((TEMPLATES / "full.yaml").read_text()),
+        yaml.safe_load((TEMPLATES / "limits.yaml").read_text()),
+    )
+    assert merged["teams"]["bench"]["models"]  # kept from full.yaml
+    assert merged["teams"]["bench"]["budget"]  # added by limits.yaml
+    path = tmp_path / "full-with-limits.yaml"
+    path.write_text(yaml.safe_dump(merged))
+    with_limits = load_config(path)
+    assert with_limits.store.kind == "sqlite"
+
+
+# -- the mock upstream and the passthrough -----------------------------------------------------
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[str]:
+    server, url = await start_upstream(settings=UpstreamSettings(events=EVENTS))
+    try:
+        yield url
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def _post(url: str, body: bytes, headers: dict[str, str] = AUTH) -> tuple[int, Any, bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers=headers) as response,
+    ):
+        return response.status, response.headers, await response.read()
+
+
+def _check_chat(status: int, headers: Any, body: bytes) -> None:
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    answer = orjson.loads(body)
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"]["content"]
+    assert answer["usage"]["total_tokens"] > 0
+
+
+def _check_stream(status: int, headers: Any, body: bytes, events: int = EVENTS) -> None:
+    assert status == 200
+    assert headers["Content-Type"] == "text/event-stream"
+    frames = [frame for frame in body.split(b"\n\n") if frame]
+    assert frames[-1] == b"data: [DONE]"
+    chunks = [orjson.loads(frame.removeprefix(b"data: ")) for frame in frames[:-1]]
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    content = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(content) == events
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def _check_embeddings(status: int, body: bytes) -> None:
+    assert status == 200
+    answer = orjson.loads(body)
+    assert [item["index"] for item in answer["data"]] == list(range(len(EMBED_INPUTS)))
+    assert all(len(item["embedding"]) == EMBED_DIMENSIONS for item in answer["data"])
+
+
+async def test_the_mock_answers_every_workload_with_rate_limit_headers(upstream: str) -> None:
+    status, headers, body = await _post(upstream + "/v1/chat/completions", CHAT_BODY)
+    _check_chat(status, headers, body)
+    for name in ("limit", "remaining", "reset"):
+        assert int(headers[f"x-ratelimit-{name}-requests"]) > 0
+        assert int(headers[f"x-ratelimit-{name}-tokens"]) > 0
+    status, headers, body = await _post(upstream + "/v1/chat/completions", STREAM_BODY)
+    _check_stream(status, headers, body)
+    more = {**AUTH, "x-bench-events": "12"}
+    status, headers, body = await _post(upstream + "/v1/chat/completions", STREAM_BODY, more)
+    _check_stream(status, headers, body, events=12)
+    status, _, body = await _post(upstream + "/v1/embeddings", EMBED_BODY)
+    _check_embeddings(status, body)
+    first = orjson.loads(body)["data"][3]["embedding"]
+    one = orjson.dumps({"model": "meridian-embed-3", "input": [EMBED_INPUTS[3]]})
+    status, _, body = await _post(upstream + "/v1/embeddings", one)
+    assert orjson.loads(body)["data"][0]["embedding"] == first  # a vector per text, not per slot
+
+
+async def test_the_mock_sends_usage_only_when_asked_and_refuses_without_a_key(
+    upstream: str,
+) -> None:
+    asked = orjson.dumps({**orjson.loads(STREAM_BODY), "stream_options": {"include_usage": True}})
+    _, _, body = await _post(upstream + "/v1/chat/completions", asked)
+    assert b'"usage":{"prompt_tokens"' in body
+    _, _, body = await _post(upstream + "/v1/chat/completions", STREAM_BODY)
+    assert b'"usage"' not in body
+    status, _, body = await _post(upstream + "/v1/chat/completions", CHAT_BODY, {})
+    assert status == 401
+    assert orjson.loads(body)["error"]["code"] == "invalid_api_key"
+    status, _, _ = await _post(upstream + "/v1/nothing", CHAT_BODY)
+    assert status == 404
+
+
+async def test_the_mock_reads_requests_split_across_packets_and_kept_alive(upstream: str) -> None:
+    host, _, port = upstream.removeprefix("http://").partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(CHAT_BODY)
+    )
+    try:
+        for _ in range(2):  # twice on one connection
+            for piece in (head[:20], head[20:], CHAT_BODY[:10], CHAT_BODY[10:]):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            status_line = await reader.readline()
+            assert status_line == b"HTTP/1.1 200 OK\r\n"
+            length = 0
+            while (line := await reader.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert orjson.loads(await reader.readexactly(length))["object"] == "chat.completion"
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_a_paced_stream_arrives_event_by_event(upstream: str) -> None:
+    paced = await sse_client.paced(upstream + "/v1/chat/completions", events=4, pace_ms=40.0)
+    assert paced.status == 200
+    assert len(paced.arrivals_ms) == 4
+    assert paced.arrivals_ms[-1] - paced.arrivals_ms[0] >= 3 * 40.0 * 0.8
+    assert paced.streamed
+    buffered = sse_client.PacedResult(4, 40.0, [120.0, 120.1, 120.2, 120.3], 200)
+    assert not buffered.streamed
+
+
+async def test_the_ttfb_client_times_streams(upstream: str) -> None:
+    result = await sse_client.ttfb(upstream + "/v1/chat/completions", 2, 0.2)
+    assert result.requests > 0
+    assert result.errors == 0
+    assert all(0 < t <= total for t, total in zip(result.ttfb_ms, result.total_ms, strict=True))
+    summary = result.summary()
+    assert summary["requests"] == result.requests
+
+
+async def test_the_passthrough_forwards_every_workload(
+    upstream: str, aiohttp_server: AiohttpServer
+) -> None:
+    server = await aiohttp_server(make_app(upstream))
+    url = str(server.make_url("")).rstrip("/")
+    status, headers, body = await _post(url + "/v1/chat/completions", CHAT_BODY)
+    _check_chat(status, headers, body)
+    assert "x-ratelimit-limit-requests" in headers
+    status, headers, body = await _post(url + "/v1/chat/completions", STREAM_BODY)
+    _check_stream(status, headers, body)
+    status, _, body = await _post(url + "/v1/embeddings", EMBED_BODY)
+    _check_embeddings(status, body)
+    status, _, _ = await _post(url + "/v1/chat/completions", CHAT_BODY, {})
+    assert status == 401  # the mock's answer, passed through
+    assert await asyncio.to_thread(probe, url) == []
