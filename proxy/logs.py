@@ -54,7 +54,9 @@ def configure_logging(
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.WriteLoggerFactory(
+            out
+        ),  # one write() per line: workers share stderr
         cache_logger_on_first_use=cache,
     )
     # Lines from the standard library's logging (aiohttp's own) take the same way out.
