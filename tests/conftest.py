@@ -11,6 +11,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from sidegate.config.models import SidegateConfig
 from sidegate.middlewares.api_keys import hash_key
@@ -148,19 +152,17 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
 
-@contextlib.asynccontextmanager
-async def redis_database(db: int) -> AsyncIterator[str]:
-    """The URL of a flushed database of the local Redis; skip if it is unreachable.
+def redis_client(url: str) -> Redis:
+    """A Redis client that fails fast: no retries, a short connect timeout."""
+    return Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
+
+
+async def fresh_redis(url: str) -> Redis:
+    """A client of the flushed database at ``url``; skip the test if Redis is unreachable.
 
     Under ``CI=true`` an unreachable Redis fails the test instead: CI must run the Redis tests.
     """
-    from redis.asyncio import Redis
-    from redis.backoff import NoBackoff
-    from redis.exceptions import RedisError
-    from redis.retry import Retry
-
-    url = f"redis://127.0.0.1:6379/{db}"
-    client = Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
+    client = redis_client(url)
     try:
         await client.ping()
     except RedisError as exc:
@@ -170,6 +172,14 @@ async def redis_database(db: int) -> AsyncIterator[str]:
             pytest.fail(f"{reason} (CI=true: the redis tests must run)")
         pytest.skip(reason)
     await client.flushdb()
+    return client
+
+
+@contextlib.asynccontextmanager
+async def redis_database(db: int) -> AsyncIterator[str]:
+    """The URL of flushed database ``db`` of the local Redis, flushed again afterwards."""
+    url = f"redis://127.0.0.1:6379/{db}"
+    client = await fresh_redis(url)
     try:
         yield url
     finally:

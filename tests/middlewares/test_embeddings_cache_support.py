@@ -4,22 +4,17 @@ forwarding to the mock upstreams), a client helper, an observer that counts, a f
 from __future__ import annotations
 
 import base64
-import os
 from array import array
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDictProxy
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from sidegate.middlewares.contract import (
     CALL_KEY,
@@ -32,6 +27,8 @@ from sidegate.middlewares.contract import (
 )
 from sidegate.middlewares.errors import error_middleware
 from sidegate.proxy.mock import vector, vector_base64
+from tests.conftest import fresh_redis as shared_fresh_redis
+from tests.conftest import redis_client as shared_redis_client
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
 EMBED = "meridian-embed-3"
@@ -187,20 +184,9 @@ class FakeClock:
 
 def redis_client(url: str = REDIS_URL) -> Redis:
     """A client that fails fast: no retries, a short connect timeout."""
-    return Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
+    return shared_redis_client(url)
 
 
 async def fresh_redis() -> Redis:
-    """A client of the flushed test database (12), or skip (fail under CI=true) without Redis —
-    the rule of ``tests/middlewares/store/conftest.py``."""
-    client = redis_client()
-    try:
-        await client.ping()
-    except RedisError as exc:
-        await client.aclose()
-        reason = f"Redis at {REDIS_URL} is unreachable: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason} (CI=true: the redis cache tests must run)")
-        pytest.skip(reason)
-    await client.flushdb()
-    return client
+    """A client of the flushed test database (12), or skip (fail under CI=true) without Redis."""
+    return await shared_fresh_redis(REDIS_URL)

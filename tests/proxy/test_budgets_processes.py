@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,17 +27,13 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from sidegate.config.models import Price
 from sidegate.middlewares.api_keys import hash_key
 from sidegate.middlewares.pricing import estimate, rates
 from sidegate.middlewares.store import BudgetStatus, LedgerEntry, Scope, Stores, open_stores
 from sidegate.proxy.mock import MOCK_STATE, meridian_app
-from tests.conftest import DEMO_KEY, AiohttpServer, Upstream
+from tests.conftest import DEMO_KEY, AiohttpServer, Upstream, redis_database
 from tests.proxy.serving import POLL_TIMEOUT_S, Served, serve, write_yaml
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -55,26 +50,6 @@ LIMIT_NANO = 1_000_000_000  # $1.00
 STOP_GRACE_S = 10.0
 
 
-@contextlib.asynccontextmanager
-async def redis_database() -> AsyncIterator[str]:
-    """The flushed test database (14) of the local Redis, or skip (fail under CI=true)."""
-    client = Redis.from_url(REDIS_URL, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
-    try:
-        await client.ping()
-    except RedisError as exc:
-        await client.aclose()
-        reason = f"Redis at {REDIS_URL} is unreachable: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason} (CI=true: the redis tests must run)")
-        pytest.skip(reason)
-    await client.flushdb()
-    try:
-        yield REDIS_URL
-    finally:
-        await client.flushdb()
-        await client.aclose()
-
-
 @pytest.fixture
 async def shared_store(
     request: pytest.FixtureRequest, tmp_path: Path
@@ -83,7 +58,7 @@ async def shared_store(
     if request.param == "sqlite":
         yield {"kind": "sqlite", "path": str(tmp_path / "shared.db")}
         return
-    async with redis_database() as url:
+    async with redis_database(14) as url:
         yield {"kind": "redis", "url": url}
 
 

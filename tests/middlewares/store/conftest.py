@@ -6,7 +6,6 @@ unreachable the redis cases skip — except with ``CI=true``, where they fail.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,12 +13,11 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from sidegate.middlewares.store import LedgerEntry, MemoryStores, SqliteStores, Stores
 from sidegate.middlewares.store.redis import RedisStores
+from tests.conftest import fresh_redis as shared_fresh_redis
+from tests.conftest import redis_client as shared_redis_client
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
@@ -65,22 +63,12 @@ def ledger_entry(
 
 
 def redis_client() -> Redis:
-    return Redis.from_url(REDIS_URL, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
+    return shared_redis_client(REDIS_URL)
 
 
 async def fresh_redis() -> Redis:
     """A client of the flushed test database, or skip (fail under CI=true) without Redis."""
-    client = redis_client()
-    try:
-        await client.ping()
-    except RedisError as exc:
-        await client.aclose()
-        reason = f"Redis at {REDIS_URL} is unreachable: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason} (CI=true: the redis store tests must run)")
-        pytest.skip(reason)
-    await client.flushdb()
-    return client
+    return await shared_fresh_redis(REDIS_URL)
 
 
 BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
