@@ -124,9 +124,10 @@ def limits_middleware(
             key_rules = settings.keys.get((principal.team, principal.key_id))
             rules.append((Scope(principal.team, principal.key_id), key_rules))
         active = [(scope, rule) for scope, rule in rules if rule is not None]
-        metered = _Metered(call, settings, stores, clock, pending)
-        if not active and metered.prices is None:
+        prices = _prices_for(call, settings.prices)
+        if not active and prices is None:
             return await handler(request)
+        metered = _Metered(call, prices, settings, stores, clock, pending)
         limits_seen = await metered.admit(active)
         if limits_seen is not None:
             request[TEAM_LIMITS_KEY] = limits_seen
@@ -150,23 +151,19 @@ class _Metered:
     def __init__(
         self,
         call: Call,
+        prices: Rates | None,
         settings: LimitsSettings,
         stores: Stores,
         clock: Callable[[], float],
         pending: set[asyncio.Task[None]],
     ) -> None:
         self.call = call
+        self.prices = prices
         self.settings = settings
         self.stores = stores
         self.clock = clock
         self.pending = pending
-        route = call.route
-        self.kind = route.kind
-        names: tuple[str | None, ...] = (route.public_model, route.upstream_model)
-        if route.kind is EndpointKind.PASSTHROUGH:
-            names = _named_model(call)
-        prices = settings.prices
-        self.prices = next((prices[n] for n in names if n is not None and n in prices), None)
+        self.kind = call.route.kind
         self.estimate = self._estimate()
         self.reservation_id = uuid.uuid4().hex  # never the client's x-request-id
         self.reserved: list[tuple[Scope, str]] = []
@@ -412,6 +409,18 @@ class _UsageFilter:
 
     def close(self) -> bytes:
         return self.sse.flush() if self.hide else b""
+
+
+def _prices_for(call: Call, prices: Mapping[str, Rates]) -> Rates | None:
+    """The price of the call's model: its public name, its upstream id, or what a passthrough
+    body names."""
+    if not prices:
+        return None
+    route = call.route
+    names: tuple[str | None, ...] = (route.public_model, route.upstream_model)
+    if route.kind is EndpointKind.PASSTHROUGH:
+        names = _named_model(call)
+    return next((prices[n] for n in names if n is not None and n in prices), None)
 
 
 def _named_model(call: Call) -> tuple[str | None, ...]:
