@@ -28,13 +28,8 @@ import aiohttp
 import jwt
 import structlog
 
-from sidegate.config.auth import (
-    HMAC_ALGORITHMS,
-    JwtConfig,
-    VerificationKey,
-    jwk_verification_key,
-    pem_verification_key,
-)
+from sidegate.config.auth import HMAC_ALGORITHMS, JwtConfig
+from sidegate.config.jwt_keys import VerificationKey, jwk_verification_key, pem_verification_key
 
 from .errors import SidegateError
 

@@ -18,14 +18,13 @@ from aiohttp.typedefs import Handler, Middleware
 
 from sidegate.config import ConfigError, load_config
 from sidegate.config.models import SidegateConfig
-from sidegate.middlewares.auth import auth_middleware
+from sidegate.middlewares.auth import TokenVerifier, auth_middleware
 from sidegate.middlewares.contract import CALL_KEY
 from sidegate.middlewares.embeddings_cache import (
     MemoryVectorCache,
     RedisVectorCache,
     embeddings_cache_middleware,
 )
-from sidegate.middlewares.jwt_verify import JwtVerifier
 from sidegate.middlewares.keys import KeyPool, KeySpec, PoolSpec, key_rotation_middleware
 from sidegate.middlewares.limits import TEAM_LIMITS_KEY, limits_middleware
 from sidegate.middlewares.ratelimit_headers import ratelimit_headers_middleware
@@ -148,13 +147,15 @@ def _pool_specs(config: SidegateConfig) -> dict[str, PoolSpec]:
     }
 
 
-def _verifier(state: GatewayState, config: SidegateConfig) -> JwtVerifier | None:
+def _verifier(state: GatewayState, config: SidegateConfig) -> TokenVerifier | None:
     """The JWT verifier for ``config``: kept across reloads (with its JWKS cache) if unchanged."""
     settings = config.auth.jwt
     if settings is None:
         state.jwt = None
         return None
     if state.jwt is None or state.jwt[0] != settings:
+        from sidegate.middlewares.jwt_verify import JwtVerifier  # pyjwt only when configured
+
         state.jwt = (settings, JwtVerifier(settings, session_factory=lambda: state.session))
     return state.jwt[1]
 

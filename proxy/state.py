@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -14,8 +15,10 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_urldispatcher import AbstractResource, AbstractRoute
 
 from sidegate.config.auth import JwtConfig
+
+if TYPE_CHECKING:
+    from sidegate.middlewares.jwt_verify import JwtVerifier
 from sidegate.middlewares.embeddings_cache import VectorCache
-from sidegate.middlewares.jwt_verify import JwtVerifier
 from sidegate.middlewares.keys import KeyPools
 from sidegate.middlewares.retry import RetryBudget
 from sidegate.middlewares.store import Stores
