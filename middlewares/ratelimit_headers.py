@@ -31,6 +31,7 @@ from typing import Literal, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from multidict import CIMultiDict
 
 from .ratelimits import (
     RATELIMIT_HEADERS,
@@ -63,6 +64,25 @@ class RateLimitSource(Protocol):
     def aggregate(self) -> RateLimits | None: ...
 
 
+def _canonical(headers: CIMultiDict[str]) -> bool:
+    """Whether every x-ratelimit header present is one whole number (resets: unix seconds)."""
+    for name in RATELIMIT_HEADERS:
+        values = headers.getall(name, ())
+        if not values:
+            continue
+        if len(values) > 1:
+            return False
+        value = values[0]
+        if not (value.isascii() and value.isdigit()):
+            return False
+        if name.startswith("x-ratelimit-reset") and len(value) < _UNIX_DIGITS:
+            return False
+    return True
+
+
+_UNIX_DIGITS = 10  # a bare number this long is a unix time, shorter ones are seconds from now
+
+
 class _Rewriter:
     def __init__(
         self,
@@ -82,6 +102,8 @@ class _Rewriter:
         if mode not in _MODES:
             raise ValueError(f"unknown rate-limit headers mode {mode!r}")
         if mode == "passthrough":
+            if _canonical(headers):  # Meridian's own form already: nothing to rewrite
+                return
             limits = parse_ratelimits(headers, self.clock())
             for name in RATELIMIT_HEADERS:
                 headers.popall(name, None)

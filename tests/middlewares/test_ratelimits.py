@@ -322,3 +322,28 @@ def test_apply_is_idempotent() -> None:
     apply_ratelimit_headers(request, response)
     apply_ratelimit_headers(request, response)
     assert response.headers.getall("Retry-After") == ["1"]
+
+
+def test_passthrough_leaves_canonical_headers_alone_and_fixes_the_rest() -> None:
+    from multidict import CIMultiDict
+
+    from sidegate.middlewares.ratelimit_headers import _canonical
+
+    canonical = CIMultiDict(
+        {
+            "x-ratelimit-limit-requests": "100",
+            "x-ratelimit-remaining-requests": "99",
+            "x-ratelimit-reset-requests": "1795380000",
+        }
+    )
+    assert _canonical(canonical)
+    for name, value in [
+        ("x-ratelimit-reset-requests", "6m0s"),
+        ("x-ratelimit-reset-tokens", "30"),
+        ("x-ratelimit-remaining-tokens", "1.5"),
+        ("x-ratelimit-limit-tokens", "²"),
+    ]:
+        assert not _canonical(CIMultiDict({**canonical, name: value})), (name, value)
+    twice = CIMultiDict(canonical)
+    twice.add("x-ratelimit-limit-requests", "7")
+    assert not _canonical(twice)
