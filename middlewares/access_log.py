@@ -88,6 +88,7 @@ def _log(request: web.Request, request_id: str, status: int, latency: float) -> 
             upstream_latency_ms=round(upstream_ms, 3) if upstream_ms is not None else None,
             cache=call.cache_status,
             cost_nano_usd=call.cost_nano_usd,
+            usage=call.usage,
             bytes_in=len(call.body),
             bytes_out=call.bytes_out,
         )

@@ -105,13 +105,13 @@ class Call:
     principal: Principal | None = None
     stream: bool = False
     started: float = field(default_factory=time.perf_counter)
-    cost_estimate_micro_usd: int | None = None
+    cost_estimate_nano_usd: int | None = None
     attempts: int = 0
     upstream_key_id: str | None = None
     upstream_status: int | None = None
     upstream_latency_ms: float | None = None
     cache_status: str | None = None
-    usage: dict[str, Any] | None = None
+    usage: dict[str, int] | None = None
     cost_nano_usd: int | None = None
     bytes_out: int = 0
     stream_filter: StreamFilter | None = None

@@ -165,6 +165,7 @@ class _Metered:
         self.pending = pending
         self.kind = call.route.kind
         self.estimate = self._estimate()
+        call.cost_estimate_nano_usd = self.estimate.cost_nano
         self.reservation_id = uuid.uuid4().hex  # never the client's x-request-id
         self.reserved: list[tuple[Scope, str]] = []
         self.token_windows: list[tuple[Scope, int, float]] = []
@@ -300,6 +301,12 @@ class _Metered:
         usage = self._usage(response)
         actual = self._cost(usage)
         call.cost_nano_usd = actual
+        if usage is not None:
+            call.usage = {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "images": usage.images,
+            }
         await self._adjust_tokens(usage.total_tokens if usage is not None else 0)
         entry = self._entry(usage, actual)
         if not self.reserved:

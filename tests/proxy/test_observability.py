@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
@@ -74,3 +76,22 @@ async def test_health_and_readiness(gateway: Client) -> None:
     assert body["status"] == "ready"
     assert body["upstream_session_open"] is True
     assert body["upstreams"] == ["meivan", "meridian"]
+
+
+async def test_the_access_line_carries_usage_and_cost_when_the_model_is_priced(
+    make_gateway: Any, meridian: Upstream
+) -> None:
+    gateway = await make_gateway(pricing={"meridian-1-turbo": {"input": 1, "output": 2}})
+    with capture_logs() as logs:
+        response = await gateway.post("/v1/chat/completions", json=CHAT)
+        body = await response.json()
+    (line,) = [entry for entry in logs if entry["event"] == "request"]
+    usage = body["usage"]
+    assert line["usage"] == {
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+        "images": 0,
+    }
+    # $1 and $2 per 1M tokens are 1,000 and 2,000 nano-USD per token: no rounding involved.
+    expected = usage["prompt_tokens"] * 1000 + usage["completion_tokens"] * 2000
+    assert line["cost_nano_usd"] == expected
