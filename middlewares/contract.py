@@ -117,6 +117,7 @@ class Call:
     stream_filter: StreamFilter | None = None
     ended: str | None = None
     _json: dict[str, Any] | None = None
+    _answer: tuple[bytes, Any] | None = None
 
     @property
     def json(self) -> dict[str, Any]:
@@ -124,6 +125,23 @@ class Call:
         if self._json is None:
             self._json = parse_object(self.body)
         return self._json
+
+    def answer_json(self, body: bytes) -> Any:
+        """The upstream's answer ``body`` as JSON (None if it is not), parsed once however many
+        policies read the same bytes."""
+        cached = self._answer
+        if cached is not None and cached[0] is body:
+            return cached[1]
+        parsed = _loads(body)
+        self._answer = (body, parsed)
+        return parsed
+
+
+def _loads(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def parse_object(body: bytes) -> dict[str, Any]:

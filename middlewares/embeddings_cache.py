@@ -187,7 +187,7 @@ def embeddings_cache_middleware(
             or not isinstance(response.body, bytes)
         ):
             return response
-        answer = read_answer(response.body, len(missing))
+        answer = read_answer(call.answer_json(response.body), len(missing))
         if answer is None:
             if rewrite:
                 raise UpstreamError(

@@ -143,13 +143,9 @@ def render(vector: bytes, encoding: str) -> list[float] | str:
     return values.tolist()
 
 
-def read_answer(body: bytes, expected: int) -> Answer | None:
-    """The upstream's answer to ``expected`` items, or ``None`` when it is not JSON or not an
+def read_answer(payload: Any, expected: int) -> Answer | None:
+    """The upstream's (parsed JSON) answer to ``expected`` items, or ``None`` when it is not an
     embeddings list with each index ``0 … expected-1`` exactly once."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list) or len(data) != expected:
         return None

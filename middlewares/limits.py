@@ -327,10 +327,7 @@ class _Metered:
         body = response.body if isinstance(response, web.Response) else None
         if not isinstance(body, bytes):
             return None
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            payload = None
+        payload = self.call.answer_json(body)
         if self.kind is EndpointKind.PASSTHROUGH:
             return usage_in("passthrough", payload) if isinstance(payload, dict) else None
         request = self.call.json if self.kind is EndpointKind.IMAGES else None
