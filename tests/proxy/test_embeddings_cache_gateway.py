@@ -91,16 +91,29 @@ async def test_the_budget_is_charged_only_for_the_items_sent_upstream(
 async def test_a_hit_still_needs_auth_and_the_allowlist(
     aiohttp_client: AiohttpClient, cached_config: dict[str, Any], meridian: Upstream
 ) -> None:
-    client = await gateway_client(aiohttp_client, cached_config)
-    await client.post("/v1/embeddings", json=_body(["alpha"]))
-    anonymous = await client.post("/v1/embeddings", json=_body(["alpha"]), headers={"x": "y"})
-    assert anonymous.status == 200  # the client's default admin key
-    refused = await client.post(
-        "/v1/embeddings",
-        json={"service_id": "embed.text.v1", "input": ["alpha"]},
-        headers={"Authorization": "Bearer sg-wrong-key-000000000000000000000000000"},
-    )
+    # A shared cache warmed by the admin team: the entry exists for anyone who may read it.
+    teams = dict(cached_config["teams"])
+    teams["search"] = {**teams["search"], "models": ["meridian-1", "fast"]}
+    config = {
+        **cached_config,
+        "teams": teams,
+        "cache": {"embeddings": {"ttl_s": 3600, "scope": "shared"}},
+    }
+    client = await gateway_client(aiohttp_client, config)
+    warm = await client.post("/v1/embeddings", json=_body(["alpha"]), headers=ADMIN)
+    assert warm.headers["x-sidegate-cache"] == "miss"
+    hit = await client.post("/v1/embeddings", json=_body(["alpha"]), headers=ADMIN)
+    assert hit.headers["x-sidegate-cache"] == "hit"
+
+    wrong_key = {"Authorization": "Bearer sg-wrong-key-000000000000000000000000000"}
+    refused = await client.post("/v1/embeddings", json=_body(["alpha"]), headers=wrong_key)
     assert refused.status == 401
+    assert "x-sidegate-cache" not in refused.headers
+    not_allowed = await client.post("/v1/embeddings", json=_body(["alpha"]), headers=SEARCH)
+    assert not_allowed.status == 403
+    assert (await not_allowed.json())["error"]["code"] == "model_not_allowed"
+    assert "x-sidegate-cache" not in not_allowed.headers
+    assert meridian.state.count("/v1/embeddings") == 1
 
 
 @pytest.mark.parametrize(("scope", "shared"), [("team", False), ("shared", True)])
