@@ -25,7 +25,7 @@ from .forward import forward_handler
 from .observability import Metrics
 from .reload import activate, watch_config_file
 from .routing import PASSTHROUGH
-from .state import ACTIVE_KEY, RUNTIME_KEY, STATE_KEY, GatewayState
+from .state import ACTIVE_KEY, STATE_KEY, GatewayState
 
 __all__ = ["create_app", "held_secrets", "open_store", "setup"]
 
@@ -111,7 +111,6 @@ def _dispatch(state: GatewayState) -> Middleware:
             raise SidegateError("sidegate is not ready.", status=503, code="not_ready")
         if resource is state.metrics_resource and active.runtime.config.auth.metrics_role is None:
             return await handler(request)
-        request[RUNTIME_KEY] = active.runtime
         request[ACTIVE_KEY] = active
         return await active.chain(request)
 

@@ -11,7 +11,7 @@ from sidegate.middlewares.errors import Forbidden
 from .dialects import meivan, meridian
 from .dialects.meivan import services_page
 from .routing import ADMIN_ROLE
-from .state import RUNTIME_KEY, STATE_KEY
+from .state import ACTIVE_KEY, STATE_KEY
 from .usage import budget_report, parse_usage_query, usage_body
 
 __all__ = [
@@ -29,7 +29,7 @@ _JSON = "application/json"
 
 async def list_models(request: web.Request) -> web.Response:
     """``GET /v1/models``: the Meridian models and aliases the caller may use (OpenAI list)."""
-    runtime = request[RUNTIME_KEY]
+    runtime = request[ACTIVE_KEY].runtime
     targets = runtime.listing(Vendor.MERIDIAN, request.get(PRINCIPAL_KEY))
     body = meridian.models_list((t.public for t in targets), created=int(runtime.loaded_at))
     return web.Response(body=body, content_type=_JSON)
@@ -37,7 +37,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def list_services(request: web.Request) -> web.Response:
     """``GET /v1/services``: the Meivan services and aliases the caller may use, paginated."""
-    targets = request[RUNTIME_KEY].listing(Vendor.MEIVAN, request.get(PRINCIPAL_KEY))
+    targets = request[ACTIVE_KEY].runtime.listing(Vendor.MEIVAN, request.get(PRINCIPAL_KEY))
     page = services_page(
         [meivan.service(t.public, t.upstream.name, t.entry) for t in targets], request.query
     )
@@ -61,7 +61,7 @@ async def admin_budgets(request: web.Request) -> web.Response:
     if principal is None or ADMIN_ROLE not in principal.roles:
         raise Forbidden("/admin/budgets needs the admin role.", code="admin_required")
     state = request.config_dict[STATE_KEY]
-    rows = await budget_report(request[RUNTIME_KEY].config, state.stores)
+    rows = await budget_report(request[ACTIVE_KEY].runtime.config, state.stores)
     return web.Response(body=orjson.dumps({"object": "list", "data": rows}), content_type=_JSON)
 
 

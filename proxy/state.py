@@ -27,7 +27,7 @@ from .dialects import Endpoint
 from .observability import Metrics
 from .runtime import Runtime
 
-__all__ = ["ACTIVE_KEY", "RUNTIME_KEY", "STATE_KEY", "Active", "GatewayState"]
+__all__ = ["ACTIVE_KEY", "STATE_KEY", "Active", "GatewayState"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,5 +83,4 @@ class GatewayState:
 
 
 STATE_KEY = web.AppKey("sidegate_state", GatewayState)
-RUNTIME_KEY = web.RequestKey("sidegate_runtime", Runtime)
 ACTIVE_KEY = web.RequestKey("sidegate_active", Active)
