@@ -152,6 +152,13 @@ def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
 
+def redis_url(db: int) -> str:
+    """The local Redis's database ``db``, moved down by ``SIDEGATE_TEST_REDIS_SHIFT`` (default 0)
+    so that two test runs on one machine can use disjoint databases."""
+    shift = int(os.environ.get("SIDEGATE_TEST_REDIS_SHIFT", "0"))
+    return f"redis://127.0.0.1:6379/{db - shift}"
+
+
 def redis_client(url: str) -> Redis:
     """A Redis client that fails fast: no retries, a short connect timeout."""
     return Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
@@ -178,7 +185,7 @@ async def fresh_redis(url: str) -> Redis:
 @contextlib.asynccontextmanager
 async def redis_database(db: int) -> AsyncIterator[str]:
     """The URL of flushed database ``db`` of the local Redis, flushed again afterwards."""
-    url = f"redis://127.0.0.1:6379/{db}"
+    url = redis_url(db)
     client = await fresh_redis(url)
     try:
         yield url

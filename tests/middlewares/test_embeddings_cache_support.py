@@ -29,8 +29,9 @@ from sidegate.middlewares.errors import error_middleware
 from sidegate.proxy.mock import vector, vector_base64
 from tests.conftest import fresh_redis as shared_fresh_redis
 from tests.conftest import redis_client as shared_redis_client
+from tests.conftest import redis_url
 
-REDIS_URL = "redis://127.0.0.1:6379/12"
+REDIS_URL = redis_url(12)
 EMBED = "meridian-embed-3"
 SERVICE = "embed.text.v1"
 URLS: web.AppKey[dict[str, str]] = web.AppKey("test_upstream_urls", dict)

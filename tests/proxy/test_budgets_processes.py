@@ -33,10 +33,10 @@ from sidegate.middlewares.api_keys import hash_key
 from sidegate.middlewares.pricing import estimate, rates
 from sidegate.middlewares.store import BudgetStatus, LedgerEntry, Scope, Stores, open_stores
 from sidegate.proxy.mock import MOCK_STATE, meridian_app
-from tests.conftest import DEMO_KEY, AiohttpServer, Upstream, redis_database
+from tests.conftest import DEMO_KEY, AiohttpServer, Upstream, redis_database, redis_url
 from tests.proxy.serving import POLL_TIMEOUT_S, Served, serve, write_yaml
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = redis_url(14)
 CHAT = "/v1/chat/completions"
 TEAM = "race"
 PRICE = {"input": 0, "output": 12_500}  # USD per 1M tokens: 8 output tokens are $0.10

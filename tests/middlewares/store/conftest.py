@@ -18,8 +18,9 @@ from sidegate.middlewares.store import LedgerEntry, MemoryStores, SqliteStores, 
 from sidegate.middlewares.store.redis import RedisStores
 from tests.conftest import fresh_redis as shared_fresh_redis
 from tests.conftest import redis_client as shared_redis_client
+from tests.conftest import redis_url
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = redis_url(13)
 JAN = datetime(2025, 1, 1, tzinfo=UTC)
 START = 1_750_000_000.0  # 2025-06-15T15:06:40Z, a Sunday
 
