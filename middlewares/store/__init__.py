@@ -10,36 +10,45 @@ from .factory import REDIS_DEFAULTS, StoreKind, open_stores
 from .ledger import aggregate_entries, bucket_start
 from .memory import MemoryStores
 from .periods import Period, period_key
-from .protocols import BudgetStore, Ledger, RateWindows, Stores
+from .protocols import BudgetStore, Ledger, Meter, RateWindows, Stores
 from .sqlite import SqliteStores
 from .types import (
     COMMIT_RETENTION_S,
+    Admission,
+    BudgetHold,
     BudgetStatus,
     Granularity,
     LedgerEntry,
     RateDecision,
     Reservation,
     Scope,
+    Settlement,
     StoreUnavailable,
     UsageBucket,
     UsageReport,
     UsageTotals,
+    WindowAdjustment,
+    WindowHit,
 )
 
 __all__ = [
     "COMMIT_RETENTION_S",
     "REDIS_DEFAULTS",
+    "Admission",
+    "BudgetHold",
     "BudgetStatus",
     "BudgetStore",
     "Granularity",
     "Ledger",
     "LedgerEntry",
     "MemoryStores",
+    "Meter",
     "Period",
     "RateDecision",
     "RateWindows",
     "Reservation",
     "Scope",
+    "Settlement",
     "SqliteStores",
     "StoreKind",
     "StoreUnavailable",
@@ -47,6 +56,8 @@ __all__ = [
     "UsageBucket",
     "UsageReport",
     "UsageTotals",
+    "WindowAdjustment",
+    "WindowHit",
     "aggregate_entries",
     "bucket_start",
     "open_stores",

@@ -13,16 +13,20 @@ from datetime import datetime
 from typing import Protocol
 
 from .types import (
+    Admission,
+    BudgetHold,
     BudgetStatus,
     Granularity,
     LedgerEntry,
     RateDecision,
     Reservation,
     Scope,
+    Settlement,
     UsageReport,
+    WindowHit,
 )
 
-__all__ = ["BudgetStore", "Ledger", "RateWindows", "Stores"]
+__all__ = ["BudgetStore", "Ledger", "Meter", "RateWindows", "Stores"]
 
 
 class BudgetStore(Protocol):
@@ -125,8 +129,36 @@ class RateWindows(Protocol):
         ...
 
 
+class Meter(Protocol):
+    """A request's whole admission, and its whole settlement, each one atomic store operation.
+
+    The limits policy uses these rather than the single operations above: one round trip (one
+    transaction, one Lua script) before the request and one after, whatever the number of windows
+    and budgets, and no window counted for a request a budget then refuses.
+    """
+
+    async def admit(
+        self,
+        hits: tuple[WindowHit, ...],
+        holds: tuple[BudgetHold, ...],
+        reservation_id: str,
+        ttl_s: float,
+    ) -> Admission:
+        """All or nothing: count every hit and reserve every hold, or change nothing.
+
+        Each hit and hold means what :meth:`RateWindows.hit` and :meth:`BudgetStore.reserve`
+        mean; every hold is reserved under ``reservation_id`` for ``ttl_s``.
+        """
+        ...
+
+    async def settle(self, settlement: Settlement) -> bool:
+        """Commit or release the reservations, record the entry and apply the adjustments, as
+        :class:`~.types.Settlement` describes; False when its commit was already done."""
+        ...
+
+
 class Stores(Protocol):
-    """One backend's three stores, closed together."""
+    """One backend's stores, closed together."""
 
     @property
     def budgets(self) -> BudgetStore: ...
@@ -134,6 +166,8 @@ class Stores(Protocol):
     def ledger(self) -> Ledger: ...
     @property
     def rates(self) -> RateWindows: ...
+    @property
+    def meter(self) -> Meter: ...
 
     async def ping(self) -> None:
         """Raise :class:`~.types.StoreUnavailable` unless the store answers (for health checks)."""

@@ -14,16 +14,21 @@ from .sqlite_db import SqliteDatabase
 from .sqlite_ledger import SqliteLedger, append_entry
 from .types import (
     COMMIT_RETENTION_S,
+    Admission,
+    BudgetHold,
     BudgetStatus,
     LedgerEntry,
     RateDecision,
     Reservation,
     Scope,
+    Settlement,
+    WindowAdjustment,
+    WindowHit,
     nonnegative,
     window_index,
 )
 
-__all__ = ["SqliteBudgets", "SqliteLedger", "SqliteRates", "SqliteStores"]
+__all__ = ["SqliteBudgets", "SqliteLedger", "SqliteMeter", "SqliteRates", "SqliteStores"]
 
 Clock = Callable[[], float]
 
@@ -43,6 +48,144 @@ def _totals(conn: sqlite3.Connection, scope: Scope, period: str, now: float) -> 
         (*where, now),
     ).fetchone()
     return (0 if row is None else int(row[0])), int(held[0])
+
+
+def _decide_hold(
+    conn: sqlite3.Connection,
+    scope: Scope,
+    period: str,
+    limit_nano: int,
+    amount: int,
+    reservation_id: str,
+    now: float,
+) -> Reservation:
+    """What a reservation of ``amount`` (at least 1) would answer; drops expired ones."""
+    where = (*_key(scope), period)
+    conn.execute(
+        "DELETE FROM reservations WHERE team = ? AND key = ? AND period = ? AND expires_at <= ?",
+        (*where, now),
+    )
+    spent, reserved = _totals(conn, scope, period, now)
+    live = conn.execute(
+        "SELECT 1 FROM reservations WHERE team = ? AND key = ? AND period = ? AND id = ?",
+        (*where, reservation_id),
+    ).fetchone()
+    if live is not None:
+        return Reservation(True, spent, reserved, limit_nano)
+    if spent + reserved + amount > limit_nano:
+        return Reservation(False, spent, reserved, limit_nano)
+    return Reservation(True, spent, reserved + amount, limit_nano)
+
+
+def _hold(
+    conn: sqlite3.Connection,
+    scope: Scope,
+    period: str,
+    amount: int,
+    reservation_id: str,
+    expires_at: float,
+) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO reservations VALUES (?, ?, ?, ?, ?, ?)",
+        (*_key(scope), period, reservation_id, amount, expires_at),
+    )
+
+
+def _commit(
+    conn: sqlite3.Connection,
+    scope: Scope,
+    period: str,
+    reservation_id: str,
+    actual_nano: int,
+    entry: LedgerEntry | None,
+    now: float,
+    retention_s: float,
+) -> bool:
+    team, key = _key(scope)
+    conn.execute("DELETE FROM commits WHERE forget_at <= ?", (now,))
+    done = conn.execute(
+        "INSERT OR IGNORE INTO commits VALUES (?, ?, ?, ?)",
+        (team, key, reservation_id, now + retention_s),
+    )
+    if done.rowcount == 0:
+        return False
+    conn.execute(
+        "DELETE FROM reservations WHERE team = ? AND key = ? AND period = ? AND id = ?",
+        (team, key, period, reservation_id),
+    )
+    conn.execute(
+        "INSERT INTO spend VALUES (?, ?, ?, ?) ON CONFLICT (team, key, period)"
+        " DO UPDATE SET spent = spent + excluded.spent",
+        (team, key, period, actual_nano),
+    )
+    if entry is not None:
+        append_entry(conn, entry)
+    return True
+
+
+def _release(
+    conn: sqlite3.Connection, scope: Scope, period: str, reservation_id: str, now: float
+) -> bool:
+    gone = conn.execute(
+        "DELETE FROM reservations WHERE team = ? AND key = ? AND period = ? AND id = ?"
+        " AND expires_at > ?",
+        (*_key(scope), period, reservation_id, now),
+    )
+    return gone.rowcount > 0
+
+
+def _decide_hit(
+    conn: sqlite3.Connection,
+    scope: Scope,
+    name: str,
+    limit: int,
+    amount: int,
+    window_s: int,
+    now: float,
+) -> RateDecision:
+    """What a hit of ``amount`` on the window containing ``now`` would answer."""
+    index = window_index(now, window_s)
+    row = conn.execute(
+        "SELECT window, count FROM rate_windows"
+        " WHERE team = ? AND key = ? AND name = ? AND window_s = ?",
+        (*_key(scope), name, window_s),
+    ).fetchone()
+    count = int(row[1]) if row is not None and row[0] == index else 0
+    allowed = count + amount <= limit
+    start = float(index * window_s)
+    return RateDecision(
+        allowed, count + amount if allowed else count, limit, start, start + window_s
+    )
+
+
+def _count(
+    conn: sqlite3.Connection, scope: Scope, name: str, window_s: int, decision: RateDecision
+) -> None:
+    """Store an allowed decision's count as its window's."""
+    conn.execute(
+        "INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            *_key(scope),
+            name,
+            window_s,
+            window_index(decision.window_start, window_s),
+            decision.count,
+        ),
+    )
+
+
+def _adjust(conn: sqlite3.Connection, change: WindowAdjustment) -> None:
+    conn.execute(
+        "UPDATE rate_windows SET count = MAX(0, count + ?)"
+        " WHERE team = ? AND key = ? AND name = ? AND window_s = ? AND window = ?",
+        (
+            change.delta,
+            *_key(change.scope),
+            change.name,
+            change.window_s,
+            window_index(change.window_start, change.window_s),
+        ),
+    )
 
 
 class SqliteBudgets:
@@ -65,28 +208,12 @@ class SqliteBudgets:
     ) -> Reservation:
         nonnegative(limit_nano=limit_nano, amount_nano=amount_nano, ttl_s=ttl_s)
         amount, now = max(1, amount_nano), self._clock()
-        where = (*_key(scope), period)
 
         def run(conn: sqlite3.Connection) -> Reservation:
-            conn.execute(
-                "DELETE FROM reservations"
-                " WHERE team = ? AND key = ? AND period = ? AND expires_at <= ?",
-                (*where, now),
-            )
-            spent, reserved = _totals(conn, scope, period, now)
-            live = conn.execute(
-                "SELECT 1 FROM reservations WHERE team = ? AND key = ? AND period = ? AND id = ?",
-                (*where, reservation_id),
-            ).fetchone()
-            if live is not None:
-                return Reservation(True, spent, reserved, limit_nano)
-            if spent + reserved + amount > limit_nano:
-                return Reservation(False, spent, reserved, limit_nano)
-            conn.execute(
-                "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?)",
-                (*where, reservation_id, amount, now + ttl_s),
-            )
-            return Reservation(True, spent, reserved + amount, limit_nano)
+            answer = _decide_hold(conn, scope, period, limit_nano, amount, reservation_id, now)
+            if answer.admitted:
+                _hold(conn, scope, period, amount, reservation_id, now + ttl_s)
+            return answer
 
         return await self._db.write(run)
 
@@ -99,44 +226,17 @@ class SqliteBudgets:
         entry: LedgerEntry | None = None,
     ) -> bool:
         nonnegative(actual_nano=actual_nano)
-        now = self._clock()
-        team, key = _key(scope)
+        now, keep = self._clock(), self._retention_s
 
         def run(conn: sqlite3.Connection) -> bool:
-            conn.execute("DELETE FROM commits WHERE forget_at <= ?", (now,))
-            done = conn.execute(
-                "INSERT OR IGNORE INTO commits VALUES (?, ?, ?, ?)",
-                (team, key, reservation_id, now + self._retention_s),
-            )
-            if done.rowcount == 0:
-                return False
-            conn.execute(
-                "DELETE FROM reservations WHERE team = ? AND key = ? AND period = ? AND id = ?",
-                (team, key, period, reservation_id),
-            )
-            conn.execute(
-                "INSERT INTO spend VALUES (?, ?, ?, ?) ON CONFLICT (team, key, period)"
-                " DO UPDATE SET spent = spent + excluded.spent",
-                (team, key, period, actual_nano),
-            )
-            if entry is not None:
-                append_entry(conn, entry)
-            return True
+            return _commit(conn, scope, period, reservation_id, actual_nano, entry, now, keep)
 
         return await self._db.write(run)
 
     async def release(self, scope: Scope, period: str, reservation_id: str) -> bool:
         now = self._clock()
 
-        def run(conn: sqlite3.Connection) -> bool:
-            gone = conn.execute(
-                "DELETE FROM reservations WHERE team = ? AND key = ? AND period = ? AND id = ?"
-                " AND expires_at > ?",
-                (*_key(scope), period, reservation_id, now),
-            )
-            return gone.rowcount > 0
-
-        return await self._db.write(run)
+        return await self._db.write(lambda conn: _release(conn, scope, period, reservation_id, now))
 
     async def status(self, scope: Scope, period: str) -> BudgetStatus:
         now = self._clock()
@@ -162,39 +262,90 @@ class SqliteRates:
         now: float | None = None,
     ) -> RateDecision:
         nonnegative(limit=limit, amount=amount)
-        index = window_index(self._clock() if now is None else now, window_s)
-        where = (*_key(scope), name, window_s)
+        moment = self._clock() if now is None else now
 
-        def run(conn: sqlite3.Connection) -> tuple[bool, int]:
-            row = conn.execute(
-                "SELECT window, count FROM rate_windows"
-                " WHERE team = ? AND key = ? AND name = ? AND window_s = ?",
-                where,
-            ).fetchone()
-            count = int(row[1]) if row is not None and row[0] == index else 0
-            if count + amount > limit:
-                return False, count
-            conn.execute(
-                "INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
-                (*where, index, count + amount),
-            )
-            return True, count + amount
+        def run(conn: sqlite3.Connection) -> RateDecision:
+            decision = _decide_hit(conn, scope, name, limit, amount, window_s, moment)
+            if decision.allowed:
+                _count(conn, scope, name, window_s, decision)
+            return decision
 
-        allowed, count = await self._db.write(run)
-        start = float(index * window_s)
-        return RateDecision(allowed, count, limit, start, start + window_s)
+        return await self._db.write(run)
 
     async def adjust(
         self, scope: Scope, name: str, delta: int, *, window_start: float, window_s: int = 60
     ) -> None:
-        index = window_index(window_start, window_s)
-        await self._db.write(
-            lambda conn: conn.execute(
-                "UPDATE rate_windows SET count = MAX(0, count + ?)"
-                " WHERE team = ? AND key = ? AND name = ? AND window_s = ? AND window = ?",
-                (delta, *_key(scope), name, window_s, index),
-            )
-        )
+        change = WindowAdjustment(scope, name, delta, window_start, window_s)
+        await self._db.write(lambda conn: _adjust(conn, change))
+
+
+class SqliteMeter:
+    """:class:`~.protocols.Meter`: an admission or a settlement is one write transaction."""
+
+    def __init__(self, db: SqliteDatabase, clock: Clock, retention_s: float) -> None:
+        self._db = db
+        self._clock = clock
+        self._retention_s = retention_s
+
+    async def admit(
+        self,
+        hits: tuple[WindowHit, ...],
+        holds: tuple[BudgetHold, ...],
+        reservation_id: str,
+        ttl_s: float,
+    ) -> Admission:
+        nonnegative(ttl_s=ttl_s)
+        now = self._clock()
+
+        def run(conn: sqlite3.Connection) -> Admission:
+            windows: list[RateDecision] = []
+            for hit in hits:
+                decision = _decide_hit(
+                    conn, hit.scope, hit.name, hit.limit, hit.amount, hit.window_s, now
+                )
+                windows.append(decision)
+                if not decision.allowed:
+                    return Admission(False, tuple(windows), ())
+            reservations: list[Reservation] = []
+            for hold in holds:
+                amount = max(1, hold.amount_nano)
+                answer = _decide_hold(
+                    conn, hold.scope, hold.period, hold.limit_nano, amount, reservation_id, now
+                )
+                reservations.append(answer)
+                if not answer.admitted:
+                    return Admission(False, tuple(windows), tuple(reservations))
+            for hit, decision in zip(hits, windows, strict=True):
+                _count(conn, hit.scope, hit.name, hit.window_s, decision)
+            for hold in holds:
+                amount = max(1, hold.amount_nano)
+                _hold(conn, hold.scope, hold.period, amount, reservation_id, now + ttl_s)
+            return Admission(True, tuple(windows), tuple(reservations))
+
+        return await self._db.write(run)
+
+    async def settle(self, settlement: Settlement) -> bool:
+        now, keep = self._clock(), self._retention_s
+        rid, cost, entry = settlement.reservation_id, settlement.cost_nano, settlement.entry
+
+        def run(conn: sqlite3.Connection) -> bool:
+            if cost is None:
+                for scope, period in settlement.budgets:
+                    _release(conn, scope, period, rid, now)
+            elif settlement.budgets:
+                for index, (scope, period) in enumerate(settlement.budgets):
+                    charged = _commit(
+                        conn, scope, period, rid, cost, entry if index == 0 else None, now, keep
+                    )
+                    if index == 0 and not charged:
+                        return False
+            elif entry is not None:
+                append_entry(conn, entry)
+            for change in settlement.adjustments:
+                _adjust(conn, change)
+            return True
+
+        return await self._db.write(run)
 
 
 class SqliteStores:
@@ -211,6 +362,7 @@ class SqliteStores:
         self._budgets = SqliteBudgets(db, clock, commit_retention_s)
         self._ledger = SqliteLedger(db)
         self._rates = SqliteRates(db, clock)
+        self._meter = SqliteMeter(db, clock, commit_retention_s)
 
     @classmethod
     async def open(
@@ -236,6 +388,10 @@ class SqliteStores:
     @property
     def rates(self) -> SqliteRates:
         return self._rates
+
+    @property
+    def meter(self) -> SqliteMeter:
+        return self._meter
 
     async def ping(self) -> None:
         await self._db.read(lambda conn: conn.execute("SELECT 1").fetchone())

@@ -5,6 +5,12 @@ power cut, so nothing acknowledged is lost. Every write runs in ``BEGIN IMMEDIAT
 the file's write lock before reading, so a read-then-write (a reservation) is atomic across every
 process using the file; a process waits up to ``busy_timeout_s`` for the lock. Any
 ``sqlite3.Error`` becomes :class:`~.types.StoreUnavailable`.
+
+**Group commit.** Writes that arrive while the worker thread is busy wait in a queue; the next
+batch runs them all in one transaction, each in its own savepoint, so one write's error rolls back
+that write only. Each write still sees the ones before it, and none is acknowledged before the
+transaction holding it has committed (and, with ``FULL``, reached the disk) — so sixteen
+concurrent requests cost one fsync and one thread hop instead of sixteen.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .types import StoreUnavailable
 
@@ -57,6 +63,18 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+class _Failed:
+    """A write of a batch that raised; its savepoint was rolled back."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+Write = Callable[[sqlite3.Connection], Any]
+
+
 class SqliteDatabase:
     """One connection to ``path``, used only by one worker thread; open with :meth:`open`."""
 
@@ -65,6 +83,8 @@ class SqliteDatabase:
         self._busy_timeout_s = busy_timeout_s
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sidegate-sqlite")
         self._conn: sqlite3.Connection | None = None
+        self._queue: list[tuple[Write, asyncio.Future[Any]]] = []
+        self._batch_running = False
 
     @classmethod
     async def open(cls, path: str, *, busy_timeout_s: float = 10.0) -> SqliteDatabase:
@@ -113,8 +133,70 @@ class SqliteDatabase:
         return result
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in a ``BEGIN IMMEDIATE`` transaction on the worker thread."""
-        return await self._run(partial(self._write, fn))
+        """Run ``fn`` in a ``BEGIN IMMEDIATE`` transaction on the worker thread, batched with the
+        writes queued meanwhile; returns once that transaction has committed.
+
+        ``fn`` runs once even if the caller is cancelled while it waits.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._queue.append((fn, done))
+        if not self._batch_running:
+            self._next_batch(loop)
+        return await done
+
+    def _next_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._queue = self._queue, []
+        self._batch_running = True
+        job = loop.run_in_executor(self._executor, self._write_batch, [fn for fn, _ in batch])
+        job.add_done_callback(partial(self._batch_done, loop, batch))
+
+    def _batch_done(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[Write, asyncio.Future[Any]]],
+        job: asyncio.Future[list[Any]],
+    ) -> None:
+        self._batch_running = False
+        if self._queue:
+            self._next_batch(loop)
+        error = job.exception() if not job.cancelled() else asyncio.CancelledError()
+        outcomes = job.result() if error is None else [_Failed(error)] * len(batch)
+        for (_, done), outcome in zip(batch, outcomes, strict=True):
+            if done.done():
+                continue
+            if not isinstance(outcome, _Failed):
+                done.set_result(outcome)
+            elif isinstance(outcome.error, sqlite3.Error):
+                failure = StoreUnavailable()
+                failure.__cause__ = outcome.error
+                done.set_exception(failure)
+            else:
+                done.set_exception(outcome.error)
+
+    def _write_batch(self, fns: list[Write]) -> list[Any]:
+        """One transaction for every write of ``fns``; a savepoint each when there are several."""
+        if len(fns) == 1:
+            try:
+                return [self._write(fns[0])]
+            except Exception as exc:
+                return [_Failed(exc)]
+        conn = self._conn_or_fail()
+        outcomes: list[Any] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for fn in fns:
+                conn.execute("SAVEPOINT sidegate_write")
+                try:
+                    outcomes.append(fn(conn))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO sidegate_write")
+                    outcomes.append(_Failed(exc))
+                conn.execute("RELEASE sidegate_write")
+            conn.execute("COMMIT")
+        finally:
+            _rollback(conn)
+        return outcomes
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in a read transaction (one consistent snapshot) on the worker thread."""

@@ -15,16 +15,21 @@ from sidegate.middlewares.errors import SidegateError
 
 __all__ = [
     "COMMIT_RETENTION_S",
+    "Admission",
+    "BudgetHold",
     "BudgetStatus",
     "Granularity",
     "LedgerEntry",
     "RateDecision",
     "Reservation",
     "Scope",
+    "Settlement",
     "StoreUnavailable",
     "UsageBucket",
     "UsageReport",
     "UsageTotals",
+    "WindowAdjustment",
+    "WindowHit",
     "from_micros",
     "nonnegative",
     "to_micros",
@@ -200,3 +205,81 @@ class UsageReport:
     buckets: list[UsageBucket] = field(default_factory=list)
     total: UsageTotals = field(default_factory=UsageTotals)
     by_model: dict[str, UsageTotals] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowHit:
+    """Add ``amount`` to the current ``window_s`` window of ``(scope, name)`` within ``limit``."""
+
+    scope: Scope
+    name: str
+    limit: int
+    amount: int
+    window_s: int = 60
+
+    def __post_init__(self) -> None:
+        nonnegative(limit=self.limit, amount=self.amount)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetHold:
+    """Reserve ``amount_nano`` of the ``(scope, period)`` budget within ``limit_nano``."""
+
+    scope: Scope
+    period: str
+    limit_nano: int
+    amount_nano: int
+
+    def __post_init__(self) -> None:
+        nonnegative(limit_nano=self.limit_nano, amount_nano=self.amount_nano)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowAdjustment:
+    """Add ``delta`` to the window of ``(scope, name)`` that began at ``window_start``."""
+
+    scope: Scope
+    name: str
+    delta: int
+    window_start: float
+    window_s: int = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The answer to :meth:`~.protocols.Meter.admit`.
+
+    The hits are decided first, in order, then the holds; deciding stops at the first refusal,
+    which is then the last element of ``windows`` (when it is a hit) or of ``reservations``.
+    When ``admitted`` every hit was counted and every hold reserved; otherwise nothing was.
+    """
+
+    admitted: bool
+    windows: tuple[RateDecision, ...]
+    reservations: tuple[Reservation, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settlement:
+    """What :meth:`~.protocols.Meter.settle` does after a request, in one atomic step.
+
+    ``budgets`` are the ``(scope, period)`` pairs reserved under ``reservation_id`` at
+    admission. With ``cost_nano`` given they are committed at that cost (each budget's spend grows
+    by it) and ``entry`` goes to the ledger once (also when there is no budget); with
+    ``cost_nano=None`` they are released and no entry may be given. ``adjustments`` correct rate
+    windows counted in advance.
+    A settlement that commits budgets is idempotent by ``reservation_id``: repeating it changes
+    nothing, adjustments and entry included.
+    """
+
+    reservation_id: str
+    budgets: tuple[tuple[Scope, str], ...] = ()
+    cost_nano: int | None = None
+    entry: LedgerEntry | None = None
+    adjustments: tuple[WindowAdjustment, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.cost_nano is not None:
+            nonnegative(cost_nano=self.cost_nano)
+        elif self.entry is not None:
+            raise ValueError("a settlement that releases its budgets records no ledger entry")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from sidegate.middlewares.store import (
     SqliteStores,
     StoreUnavailable,
 )
+from sidegate.middlewares.store.sqlite_db import SqliteDatabase
 from tests.middlewares.store.conftest import FakeClock
 
 TEAM = Scope("search")
@@ -85,3 +89,66 @@ async def test_a_write_lock_held_too_long_is_store_unavailable(tmp_path: Path) -
     finally:
         other.close()
         await stores.close()
+
+
+async def test_writes_queued_meanwhile_share_one_transaction_and_fail_alone(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "batch.db")
+    db = await SqliteDatabase.open(path)
+    await db.write(lambda conn: conn.execute("CREATE TABLE t (name TEXT PRIMARY KEY)"))
+    started, release = threading.Event(), threading.Event()
+
+    def blocker(conn: sqlite3.Connection) -> str:
+        started.set()
+        release.wait(timeout=10)
+        return "first"
+
+    def insert(name: str) -> Callable[[sqlite3.Connection], str]:
+        def run(conn: sqlite3.Connection) -> str:
+            conn.execute("INSERT INTO t VALUES (?)", (name,))
+            return name
+
+        return run
+
+    def sees_a_without_a_commit(conn: sqlite3.Connection) -> tuple[bool, bool]:
+        other = sqlite3.connect(path)
+        try:
+            outside = other.execute("SELECT 1 FROM t WHERE name = 'a'").fetchone() is not None
+        finally:
+            other.close()
+        inside = conn.execute("SELECT 1 FROM t WHERE name = 'a'").fetchone() is not None
+        return inside, outside
+
+    def half_then_error(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES ('half')")
+        conn.execute("INSERT INTO t VALUES ('a')")  # a duplicate: IntegrityError
+
+    def bug(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES ('bug')")
+        raise ValueError("a bug in the write")
+
+    try:
+        first = asyncio.ensure_future(db.write(blocker))
+        assert await asyncio.to_thread(started.wait, 10)  # its batch holds the worker thread
+        rest = asyncio.gather(
+            db.write(insert("a")),
+            db.write(sees_a_without_a_commit),
+            db.write(half_then_error),
+            db.write(bug),
+            db.write(insert("b")),
+            return_exceptions=True,
+        )
+        release.set()
+        assert await first == "first"
+        a, seen, failed, buggy, b = await rest
+        assert (a, b) == ("a", "b")
+        assert seen == (True, False)  # same transaction as 'a', which was not yet committed
+        assert isinstance(failed, StoreUnavailable)
+        assert isinstance(failed.__cause__, sqlite3.IntegrityError)
+        assert isinstance(buggy, ValueError)
+        rows = await db.read(lambda conn: conn.execute("SELECT name FROM t").fetchall())
+        assert sorted(name for (name,) in rows) == ["a", "b"]
+    finally:
+        release.set()
+        await db.close()
