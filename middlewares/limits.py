@@ -20,9 +20,10 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -35,7 +36,19 @@ from .errors import SidegateError
 from .pricing import Estimate, Rates, SseUsage, Usage, cost, estimate, nano_to_usd
 from .pricing import usage_from_response as usage_in
 from .ratelimits import RateLimits
-from .store import LedgerEntry, Scope, Stores, StoreUnavailable, period_key
+from .store import (
+    Admission,
+    BudgetHold,
+    LedgerEntry,
+    RateDecision,
+    Scope,
+    Settlement,
+    Stores,
+    StoreUnavailable,
+    WindowAdjustment,
+    WindowHit,
+    period_key,
+)
 
 __all__ = [
     "TEAM_LIMITS_KEY",
@@ -183,90 +196,106 @@ class _Metered:
         )
 
     async def admit(self, rules: list[tuple[Scope, Limits]]) -> RateLimits | None:
-        """Pass every rate window and reserve every budget, or undo what was taken and refuse."""
-        seen: RateLimits | None = None
-        try:
-            for scope, rule in rules:
-                if rule.rate is not None:
-                    limits = await self._rate(scope, rule.rate)
-                    seen = limits if seen is None else seen
-            for scope, rule in rules:
-                if rule.budget is not None:
-                    await self._reserve(scope, rule.budget)
-        except BaseException:
-            await asyncio.shield(self.release())
-            raise
-        self._watch_stream()
-        return seen
-
-    async def _rate(self, scope: Scope, rule: RateRule) -> RateLimits | None:
-        now = self.clock()
-        limits = RateLimits()
-        checks = [
-            ("requests", rule.requests_per_minute, 1),
-            ("tokens", rule.tokens_per_minute, self.estimate.tokens),
-        ]
-        for name, limit, amount in checks:
-            if limit is None:
-                continue
+        """Pass every rate window and reserve every budget in one store operation, or refuse."""
+        hits: list[WindowHit] = []
+        holds: list[BudgetHold] = []
+        budgets: list[tuple[BudgetRule, datetime | None]] = []
+        fail_open = True
+        admission: Admission | None = None
+        moment = datetime.fromtimestamp(self.clock(), UTC)
+        for scope, rule in rules:
+            if rule.rate is not None:
+                fail_open = fail_open and rule.rate.fail_open
+                for name, limit, amount in (
+                    ("requests", rule.rate.requests_per_minute, 1),
+                    ("tokens", rule.rate.tokens_per_minute, self.estimate.tokens),
+                ):
+                    if limit is not None:
+                        hits.append(WindowHit(scope, name, limit, min(amount, limit)))
+        for scope, rule in rules:
+            if rule.budget is not None:
+                fail_open = fail_open and rule.budget.fail_open
+                period, resets = period_key(rule.budget.period, moment)  # type: ignore[arg-type]
+                holds.append(
+                    BudgetHold(scope, period, rule.budget.limit_nano, self.estimate.cost_nano)
+                )
+                budgets.append((rule.budget, resets))
+        if hits or holds:
             try:
-                decision = await self.stores.rates.hit(scope, name, limit, min(amount, limit))
+                admission = await self._admit(tuple(hits), tuple(holds))
             except StoreUnavailable:
-                if rule.fail_open:
-                    log.warning("rate_limit_store_unavailable", team=scope.team, fail_open=True)
-                    return None
-                raise
-            if name == "tokens":
-                self.token_windows.append((scope, min(amount, limit), decision.window_start))
-            if not decision.allowed:
-                wait = max(1, math.ceil(decision.reset_at - now))
-                raise RateLimited(
-                    f"Team {scope.team!r} is over its {limit} {name} per minute; "
-                    f"retry in {wait} s.",
-                    headers={"Retry-After": str(wait)},
-                )
-            if name == "requests":
-                seen = RateLimits(limit, decision.remaining, decision.reset_at)
-            else:
-                seen = RateLimits(
-                    limit_tokens=limit,
-                    remaining_tokens=decision.remaining,
-                    reset_tokens=decision.reset_at,
-                )
-            limits = limits.merged(seen)
-        return limits
+                if not fail_open:
+                    raise
+                log.warning("limits_store_unavailable", team=rules[0][0].team, fail_open=True)
+            if admission is not None:
+                self._refuse_unless(admission, hits, holds, budgets)
+                self.reserved = [(hold.scope, hold.period) for hold in holds]
+                self.token_windows = [
+                    (hit.scope, hit.amount, decision.window_start)
+                    for hit, decision in zip(hits, admission.windows, strict=True)
+                    if hit.name == "tokens"
+                ]
+        self._watch_stream()
+        return _seen(hits, admission.windows) if hits and admission is not None else None
 
-    async def _reserve(self, scope: Scope, rule: BudgetRule) -> None:
-        now = datetime.fromtimestamp(self.clock(), UTC)
-        period, resets = period_key(rule.period, now)  # type: ignore[arg-type]
+    async def _admit(self, hits: tuple[WindowHit, ...], holds: tuple[BudgetHold, ...]) -> Admission:
+        """The store's admission; one the caller no longer waits for is undone when it lands."""
+        meter = self.stores.meter
+        ttl = self.settings.reservation_ttl_s
+        admitting = asyncio.ensure_future(meter.admit(hits, holds, self.reservation_id, ttl))
         try:
-            result = await self.stores.budgets.reserve(
-                scope,
-                period,
-                rule.limit_nano,
-                self.estimate.cost_nano,
-                self.reservation_id,
-                self.settings.reservation_ttl_s,
-            )
-        except StoreUnavailable:
-            if rule.fail_open:
-                log.warning("budget_store_unavailable", team=scope.team, fail_open=True)
-                return
+            return await asyncio.shield(admitting)
+        except asyncio.CancelledError:
+            admitting.add_done_callback(partial(self._undo, hits, holds))
             raise
-        if not result.admitted:
-            who = f"Key {scope.key_id!r}" if scope.key_id else f"Team {scope.team!r}"
-            when = (
-                f"; the {rule.period} budget resets at {resets:%Y-%m-%dT%H:%M:%SZ}"
-                if resets
-                else ""
+
+    def _undo(
+        self,
+        hits: tuple[WindowHit, ...],
+        holds: tuple[BudgetHold, ...],
+        admitting: asyncio.Future[Admission],
+    ) -> None:
+        if admitting.cancelled() or admitting.exception() or not admitting.result().admitted:
+            return
+        undo = Settlement(
+            reservation_id=self.reservation_id,
+            budgets=tuple((hold.scope, hold.period) for hold in holds),
+            adjustments=tuple(
+                WindowAdjustment(hit.scope, hit.name, -hit.amount, decision.window_start)
+                for hit, decision in zip(hits, admitting.result().windows, strict=True)
+            ),
+        )
+        self._in_background(self._settle_or_log(undo))
+
+    def _refuse_unless(
+        self,
+        admission: Admission,
+        hits: list[WindowHit],
+        holds: list[BudgetHold],
+        budgets: list[tuple[BudgetRule, datetime | None]],
+    ) -> None:
+        """Raise the refusal the admission reports, if it refused."""
+        if admission.admitted:
+            return
+        if len(admission.reservations) == 0:
+            hit, decision = hits[len(admission.windows) - 1], admission.windows[-1]
+            wait = max(1, math.ceil(decision.reset_at - self.clock()))
+            raise RateLimited(
+                f"Team {hit.scope.team!r} is over its {hit.limit} {hit.name} per minute; "
+                f"retry in {wait} s.",
+                headers={"Retry-After": str(wait)},
             )
-            raise QuotaExceeded(
-                f"{who} has ${_usd(result.remaining)} of its "
-                f"${_usd(rule.limit_nano)} {rule.period} budget left; this request may "
-                f"cost up to ${_usd(self.estimate.cost_nano)}{when}.",
-                headers={"x-should-retry": "false"},
-            )
-        self.reserved.append((scope, period))
+        index = len(admission.reservations) - 1
+        scope, result = holds[index].scope, admission.reservations[index]
+        rule, resets = budgets[index]
+        who = f"Key {scope.key_id!r}" if scope.key_id else f"Team {scope.team!r}"
+        when = f"; the {rule.period} budget resets at {resets:%Y-%m-%dT%H:%M:%SZ}" if resets else ""
+        raise QuotaExceeded(
+            f"{who} has ${_usd(result.remaining)} of its "
+            f"${_usd(rule.limit_nano)} {rule.period} budget left; this request may "
+            f"cost up to ${_usd(self.estimate.cost_nano)}{when}.",
+            headers={"x-should-retry": "false"},
+        )
 
     def _watch_stream(self) -> None:
         call = self.call
@@ -278,13 +307,15 @@ class _Metered:
 
     async def release(self) -> None:
         """Give back every reservation and the tokens counted in advance."""
-        for scope, period in self.reserved:
-            try:
-                await self.stores.budgets.release(scope, period, self.reservation_id)
-            except StoreUnavailable:
-                log.warning("release_failed", team=scope.team)
+        if self.reserved or self.token_windows:
+            await self._settle_or_log(
+                Settlement(
+                    reservation_id=self.reservation_id,
+                    budgets=tuple(self.reserved),
+                    adjustments=self._adjustments(0),
+                )
+            )
         self.reserved = []
-        await self._adjust_tokens(0)
 
     async def settle(self, response: web.StreamResponse | None) -> None:
         """Turn the reservations into the actual cost, or release them on an upstream error.
@@ -307,16 +338,22 @@ class _Metered:
                 "completion_tokens": usage.completion_tokens,
                 "images": usage.images,
             }
-        await self._adjust_tokens(usage.total_tokens if usage is not None else 0)
-        entry = self._entry(usage, actual)
-        if not self.reserved:
-            try:
-                await self.stores.ledger.record(entry)
-            except StoreUnavailable:
-                log.warning("ledger_record_failed", team=entry.team, request_id=entry.request_id)
-        for index, (scope, period) in enumerate(self.reserved):
-            await self._commit(scope, period, actual, entry if index == 0 else None)
+        settlement = Settlement(
+            reservation_id=self.reservation_id,
+            budgets=tuple(self.reserved),
+            cost_nano=actual,
+            entry=self._entry(usage, actual),
+            adjustments=self._adjustments(usage.total_tokens if usage is not None else 0),
+        )
         self.reserved = []
+        if not settlement.budgets:
+            await self._settle_or_log(settlement)
+            return
+        try:
+            await self.stores.meter.settle(settlement)
+        except StoreUnavailable:
+            log.warning("commit_retry", team=_call_team(call), request_id=self.reservation_id)
+            self._in_background(self._retry(settlement))
 
     def _streamed_text(self) -> bool:
         return self.sse is not None and self.sse.text_bytes > 0
@@ -361,41 +398,65 @@ class _Metered:
             request_id=call.request_id,
         )
 
-    async def _adjust_tokens(self, actual_tokens: int) -> None:
-        for scope, counted, window_start in self.token_windows:
-            try:
-                await self.stores.rates.adjust(
-                    scope, "tokens", actual_tokens - counted, window_start=window_start
-                )
-            except StoreUnavailable:
-                log.warning("token_window_adjust_failed", team=scope.team)
-        self.token_windows = []
+    def _adjustments(self, actual_tokens: int) -> tuple[WindowAdjustment, ...]:
+        """Correct the tokens counted in advance to ``actual_tokens``; once only."""
+        windows, self.token_windows = self.token_windows, []
+        return tuple(
+            WindowAdjustment(scope, "tokens", actual_tokens - counted, window_start)
+            for scope, counted, window_start in windows
+        )
 
-    async def _commit(
-        self, scope: Scope, period: str, actual: int, entry: LedgerEntry | None
-    ) -> None:
-        """Commit now; if the store is unreachable, keep retrying in the background."""
-        commit = self.stores.budgets.commit
-        request_id = self.reservation_id
+    async def _settle_or_log(self, settlement: Settlement) -> None:
+        """Settle without retrying (a release, or a ledger entry without a budget)."""
         try:
-            await commit(scope, period, request_id, actual, entry)
-            return
+            await self.stores.meter.settle(settlement)
         except StoreUnavailable:
-            log.warning("commit_retry", team=scope.team, request_id=request_id)
+            log.warning("settle_failed", team=_call_team(self.call), request_id=self.reservation_id)
 
-        async def retry() -> None:
-            for delay in _COMMIT_RETRIES:
-                await asyncio.sleep(delay)
-                try:
-                    await commit(scope, period, request_id, actual, entry)
-                    return
-                except StoreUnavailable:
-                    log.warning("commit_retry", team=scope.team, request_id=request_id)
-            log.error("commit_failed", team=scope.team, request_id=request_id, cost_nano=actual)
+    async def _retry(self, settlement: Settlement) -> None:
+        """Retry a commit the store refused, with backoff; it is idempotent."""
+        team = _call_team(self.call)
+        for delay in _COMMIT_RETRIES:
+            await asyncio.sleep(delay)
+            try:
+                await self.stores.meter.settle(settlement)
+                return
+            except StoreUnavailable:
+                log.warning("commit_retry", team=team, request_id=self.reservation_id)
+        log.error(
+            "commit_failed",
+            team=team,
+            request_id=self.reservation_id,
+            cost_nano=settlement.cost_nano,
+        )
 
-        task = asyncio.get_running_loop().create_task(retry())
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
+
+
+def _call_team(call: Call) -> str | None:
+    return call.principal.team if call.principal is not None else None
+
+
+def _seen(hits: list[WindowHit], windows: tuple[RateDecision, ...]) -> RateLimits:
+    """The first rate-limited scope's windows, as rate-limit headers show them."""
+    first = hits[0].scope
+    limits = RateLimits()
+    for hit, decision in zip(hits, windows, strict=True):
+        if hit.scope != first:
+            break
+        if hit.name == "requests":
+            seen = RateLimits(hit.limit, decision.remaining, decision.reset_at)
+        else:
+            seen = RateLimits(
+                limit_tokens=hit.limit,
+                remaining_tokens=decision.remaining,
+                reset_tokens=decision.reset_at,
+            )
+        limits = limits.merged(seen)
+    return limits
 
 
 class _UsageFilter:

@@ -122,17 +122,31 @@ class MemoryBudgets:
         entry: LedgerEntry | None = None,
     ) -> bool:
         nonnegative(actual_nano=actual_nano)
+        if not self.mark(scope, reservation_id):
+            return False
+        self.charge(scope, period, reservation_id, actual_nano)
+        if entry is not None:
+            self._ledger.append(entry)
+        return True
+
+    def mark(self, scope: Scope, reservation_id: str) -> bool:
+        """Remember that ``scope`` committed ``reservation_id``; False when it already had."""
         now = self._clock()
         while self._done and next(iter(self._done.values())) <= now:
             self._done.popitem(last=False)
         if (scope, reservation_id) in self._done:
             return False
-        self._held.get((scope, period), {}).pop(reservation_id, None)
-        self._spent[scope, period] = self._spent.get((scope, period), 0) + actual_nano
-        if entry is not None:
-            self._ledger.append(entry)
         self._done[scope, reservation_id] = now + self._retention_s
         return True
+
+    def charge(self, scope: Scope, period: str, reservation_id: str, actual_nano: int) -> None:
+        """Turn the reservation into spend of ``actual_nano``."""
+        self._held.get((scope, period), {}).pop(reservation_id, None)
+        self._spent[scope, period] = self._spent.get((scope, period), 0) + actual_nano
+
+    def held(self, scope: Scope, period: str) -> dict[str, tuple[int, float]]:
+        """The budget's reservations by id: (amount, expires_at), expired ones included."""
+        return self._held.setdefault((scope, period), {})
 
     async def release(self, scope: Scope, period: str, reservation_id: str) -> bool:
         return self._live((scope, period)).pop(reservation_id, None) is not None
@@ -148,7 +162,8 @@ class MemoryRates:
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
-        self._counts: dict[tuple[Scope, str, int], tuple[int, int]] = {}
+        self.counts: dict[tuple[Scope, str, int], tuple[int, int]] = {}
+        """(window index, count) per (scope, name, window_s)."""
 
     async def hit(
         self,
@@ -176,7 +191,7 @@ class MemoryRates:
     ) -> RateDecision:
         """What :meth:`hit` would answer, without counting."""
         index = window_index(self._clock() if now is None else now, window_s)
-        window, count = self._counts.get((scope, name, window_s), (index, 0))
+        window, count = self.counts.get((scope, name, window_s), (index, 0))
         count = count if window == index else 0
         allowed = count + amount <= limit
         start = float(index * window_s)
@@ -188,15 +203,15 @@ class MemoryRates:
         """Record an allowed ``decision`` of :meth:`decide` as the window's count."""
         if decision.allowed:
             index = window_index(decision.window_start, window_s)
-            self._counts[scope, name, window_s] = (index, decision.count)
+            self.counts[scope, name, window_s] = (index, decision.count)
 
     async def adjust(
         self, scope: Scope, name: str, delta: int, *, window_start: float, window_s: int = 60
     ) -> None:
         index = window_index(window_start, window_s)
-        window, count = self._counts.get((scope, name, window_s), (index - 1, 0))
+        window, count = self.counts.get((scope, name, window_s), (index - 1, 0))
         if window == index:
-            self._counts[scope, name, window_s] = (index, max(0, count + delta))
+            self.counts[scope, name, window_s] = (index, max(0, count + delta))
 
 
 class MemoryMeter:
@@ -216,25 +231,38 @@ class MemoryMeter:
     ) -> Admission:
         nonnegative(ttl_s=ttl_s)
         rates, budgets = self._rates, self._budgets
-        windows = []
+        counts, holds_before = (
+            dict(rates.counts),
+            {
+                (hold.scope, hold.period): dict(budgets.held(hold.scope, hold.period))
+                for hold in holds
+            },
+        )
+        windows: list[RateDecision] = []
+        reservations: list[Reservation] = []
+        admitted = True
         for hit in hits:
             decision = rates.decide(hit.scope, hit.name, hit.limit, hit.amount, hit.window_s)
             windows.append(decision)
-            if not decision.allowed:
-                return Admission(False, tuple(windows), ())
-        reservations = []
-        for hold in holds:
+            admitted = decision.allowed
+            if not admitted:
+                break
+            rates.count(hit.scope, hit.name, hit.window_s, decision)
+        for hold in holds if admitted else ():
             answer = budgets.decide(
                 hold.scope, hold.period, hold.limit_nano, hold.amount_nano, reservation_id
             )
             reservations.append(answer)
-            if not answer.admitted:
-                return Admission(False, tuple(windows), tuple(reservations))
-        for hit, decision in zip(hits, windows, strict=True):
-            rates.count(hit.scope, hit.name, hit.window_s, decision)
-        for hold in holds:
+            admitted = answer.admitted
+            if not admitted:
+                break
             budgets.hold(hold.scope, hold.period, hold.amount_nano, reservation_id, ttl_s)
-        return Admission(True, tuple(windows), tuple(reservations))
+        if not admitted:  # as if nothing happened
+            rates.counts = counts
+            for budget, held in holds_before.items():
+                budgets.held(*budget).clear()
+                budgets.held(*budget).update(held)
+        return Admission(admitted, tuple(windows), tuple(reservations))
 
     async def settle(self, settlement: Settlement) -> bool:
         budgets, rid = self._budgets, settlement.reservation_id
@@ -243,15 +271,14 @@ class MemoryMeter:
             for scope, period in settlement.budgets:
                 await budgets.release(scope, period, rid)
         elif settlement.budgets:
-            first = True
+            if not budgets.mark(settlement.budgets[0][0], rid):
+                return False  # settled before: nothing more to do
+            marked = {settlement.budgets[0][0]}
             for scope, period in settlement.budgets:
-                charged = await budgets.commit(
-                    scope, period, rid, cost, settlement.entry if first else None
-                )
-                if first and not charged:
-                    return False
-                first = False
-        elif settlement.entry is not None:
+                if scope in marked or budgets.mark(scope, rid):
+                    marked.add(scope)
+                    budgets.charge(scope, period, rid, cost)
+        if settlement.entry is not None:  # only given with a cost
             self._ledger.append(settlement.entry)
         for change in settlement.adjustments:
             await self._rates.adjust(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -30,14 +30,18 @@ from . import redis_lua
 from .ledger import aggregate_entries, decode_entry, encode_entry
 from .types import (
     COMMIT_RETENTION_S,
+    Admission,
+    BudgetHold,
     BudgetStatus,
     Granularity,
     LedgerEntry,
     RateDecision,
     Reservation,
     Scope,
+    Settlement,
     StoreUnavailable,
     UsageReport,
+    WindowHit,
     nonnegative,
     to_micros,
     window_index,
@@ -48,7 +52,7 @@ if TYPE_CHECKING:
 
     Client = Redis | RedisCluster
 
-__all__ = ["RedisBudgets", "RedisKeys", "RedisLedger", "RedisRates", "RedisStores"]
+__all__ = ["RedisBudgets", "RedisKeys", "RedisLedger", "RedisMeter", "RedisRates", "RedisStores"]
 
 Clock = Callable[[], float]
 T = TypeVar("T")
@@ -69,6 +73,10 @@ class RedisKeys:
 
     def budget(self, scope: Scope, period: str, what: str) -> str:
         return self._key(scope.team, what, self.who(scope), period)
+
+    def budget_keys(self, scope: Scope, period: str) -> list[str]:
+        """The spend, reservation amounts and reservation expiries of one budget."""
+        return [self.budget(scope, period, what) for what in ("spent", "held", "held-exp")]
 
     def done(self, scope: Scope, reservation_id: str) -> str:
         return self._key(scope.team, "done", self.who(scope), reservation_id)
@@ -109,7 +117,7 @@ class RedisBudgets:
         self._retention_s = max(1, int(retention_s))
 
     def _budget_keys(self, scope: Scope, period: str) -> list[str]:
-        return [self._keys.budget(scope, period, what) for what in ("spent", "held", "held-exp")]
+        return self._keys.budget_keys(scope, period)
 
     async def reserve(
         self,
@@ -208,8 +216,84 @@ class RedisRates:
         await self._scripts.run("ADJUST", [key], (delta,))
 
 
+def _one_team(scopes: Iterable[Scope], entry: LedgerEntry | None = None) -> str | None:
+    """The one team of ``scopes`` (and ``entry``); ValueError for several (no single slot)."""
+    teams = {scope.team for scope in scopes} | ({entry.team} if entry else set())
+    if len(teams) > 1:
+        raise ValueError(f"an admission or settlement concerns one team, got {sorted(teams)}")
+    return next(iter(teams), None)
+
+
+class RedisMeter:
+    """:class:`~.protocols.Meter` as one script each over the keys of the other three stores."""
+
+    def __init__(self, scripts: _Scripts, keys: RedisKeys, clock: Clock, retention_s: float):
+        self._scripts, self._keys, self._clock = scripts, keys, clock
+        self._retention_s = max(1, int(retention_s))
+
+    async def admit(
+        self,
+        hits: tuple[WindowHit, ...],
+        holds: tuple[BudgetHold, ...],
+        reservation_id: str,
+        ttl_s: float,
+    ) -> Admission:
+        nonnegative(ttl_s=ttl_s)
+        if _one_team([*(hit.scope for hit in hits), *(hold.scope for hold in holds)]) is None:
+            return Admission(True, (), ())
+        now = self._clock()
+        indexes = [window_index(now, hit.window_s) for hit in hits]
+        keys = [
+            self._keys.rate(hit.scope, hit.name, hit.window_s, index)
+            for hit, index in zip(hits, indexes, strict=True)
+        ]
+        args: list[Any] = [len(hits), len(holds), reservation_id, repr(now), repr(now + ttl_s)]
+        args.append(max(1, int(ttl_s * 1000)))
+        for hit in hits:
+            args += (hit.limit, hit.amount, 2000 * hit.window_s)
+        for hold in holds:
+            keys += self._keys.budget_keys(hold.scope, hold.period)
+            args += (hold.limit_nano, max(1, hold.amount_nano))
+        admitted, windows, reservations = await self._scripts.run("ADMIT", keys, args)
+        decisions = []  # the script answers up to the first refusal, so zip stops there
+        for (allowed, count), hit, index in zip(windows, hits, indexes, strict=False):
+            start = float(index * hit.window_s)
+            decisions.append(
+                RateDecision(bool(allowed), int(count), hit.limit, start, start + hit.window_s)
+            )
+        held = (
+            Reservation(bool(ok), int(spent), int(reserved), hold.limit_nano)
+            for (ok, spent, reserved), hold in zip(reservations, holds, strict=False)
+        )
+        return Admission(bool(admitted), tuple(decisions), tuple(held))
+
+    async def settle(self, settlement: Settlement) -> bool:
+        rid, budgets, entry = settlement.reservation_id, settlement.budgets, settlement.entry
+        adjustments = settlement.adjustments
+        scopes = [*(scope for scope, _ in budgets), *(change.scope for change in adjustments)]
+        team = _one_team(scopes, entry)
+        if team is None:
+            return True
+        keys: list[str] = []
+        for scope, period in budgets:
+            keys += [*self._keys.budget_keys(scope, period), self._keys.done(scope, rid)]
+        keys.append(self._keys.ledger(team))
+        for change in adjustments:
+            index = window_index(change.window_start, change.window_s)
+            keys.append(self._keys.rate(change.scope, change.name, change.window_s, index))
+        score, member = "", b""
+        if entry is not None:
+            score = str(to_micros(entry.timestamp))
+            entry_id = f"{self._keys.who(budgets[0][0])}:{rid}" if budgets else uuid.uuid4().hex
+            member = encode_entry(entry, entry_id)
+        cost = "" if settlement.cost_nano is None else settlement.cost_nano
+        args = [len(budgets), len(adjustments), rid, cost, self._retention_s, score, member]
+        args += [change.delta for change in adjustments]
+        return bool(await self._scripts.run("SETTLE", keys, args))
+
+
 class RedisStores:
-    """The redis backend's three stores on ``client`` (``redis.asyncio.Redis`` or
+    """The redis backend's stores on ``client`` (``redis.asyncio.Redis`` or
     ``RedisCluster``, with or without ``decode_responses``)."""
 
     def __init__(
@@ -228,6 +312,7 @@ class RedisStores:
         self._budgets = RedisBudgets(scripts, keys, clock, commit_retention_s)
         self._ledger = RedisLedger(client, keys)
         self._rates = RedisRates(scripts, keys, clock)
+        self._meter = RedisMeter(scripts, keys, clock, commit_retention_s)
 
     @property
     def budgets(self) -> RedisBudgets:
@@ -240,6 +325,10 @@ class RedisStores:
     @property
     def rates(self) -> RedisRates:
         return self._rates
+
+    @property
+    def meter(self) -> RedisMeter:
+        return self._meter
 
     async def ping(self) -> None:
         await _call(self._client.ping())

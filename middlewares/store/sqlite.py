@@ -101,14 +101,31 @@ def _commit(
     now: float,
     retention_s: float,
 ) -> bool:
-    team, key = _key(scope)
+    if not _mark(conn, scope, reservation_id, now, retention_s):
+        return False
+    _charge(conn, scope, period, reservation_id, actual_nano)
+    if entry is not None:
+        append_entry(conn, entry)
+    return True
+
+
+def _mark(
+    conn: sqlite3.Connection, scope: Scope, reservation_id: str, now: float, retention_s: float
+) -> bool:
+    """Remember that ``scope`` committed ``reservation_id``; False when it already had."""
     conn.execute("DELETE FROM commits WHERE forget_at <= ?", (now,))
     done = conn.execute(
         "INSERT OR IGNORE INTO commits VALUES (?, ?, ?, ?)",
-        (team, key, reservation_id, now + retention_s),
+        (*_key(scope), reservation_id, now + retention_s),
     )
-    if done.rowcount == 0:
-        return False
+    return done.rowcount > 0
+
+
+def _charge(
+    conn: sqlite3.Connection, scope: Scope, period: str, reservation_id: str, actual_nano: int
+) -> None:
+    """Turn the reservation into spend of ``actual_nano``."""
+    team, key = _key(scope)
     conn.execute(
         "DELETE FROM reservations WHERE team = ? AND key = ? AND period = ? AND id = ?",
         (team, key, period, reservation_id),
@@ -118,9 +135,35 @@ def _commit(
         " DO UPDATE SET spent = spent + excluded.spent",
         (team, key, period, actual_nano),
     )
-    if entry is not None:
-        append_entry(conn, entry)
-    return True
+
+
+def _admit(
+    conn: sqlite3.Connection,
+    hits: tuple[WindowHit, ...],
+    holds: tuple[BudgetHold, ...],
+    reservation_id: str,
+    now: float,
+    ttl_s: float,
+) -> Admission:
+    """Count each hit and reserve each hold as it is decided; the caller rolls back a refusal."""
+    windows: list[RateDecision] = []
+    for hit in hits:
+        decision = _decide_hit(conn, hit.scope, hit.name, hit.limit, hit.amount, hit.window_s, now)
+        windows.append(decision)
+        if not decision.allowed:
+            return Admission(False, tuple(windows), ())
+        _count(conn, hit.scope, hit.name, hit.window_s, decision)
+    reservations: list[Reservation] = []
+    for hold in holds:
+        amount = max(1, hold.amount_nano)
+        answer = _decide_hold(
+            conn, hold.scope, hold.period, hold.limit_nano, amount, reservation_id, now
+        )
+        reservations.append(answer)
+        if not answer.admitted:
+            return Admission(False, tuple(windows), tuple(reservations))
+        _hold(conn, hold.scope, hold.period, amount, reservation_id, now + ttl_s)
+    return Admission(True, tuple(windows), tuple(reservations))
 
 
 def _release(
@@ -298,29 +341,12 @@ class SqliteMeter:
         now = self._clock()
 
         def run(conn: sqlite3.Connection) -> Admission:
-            windows: list[RateDecision] = []
-            for hit in hits:
-                decision = _decide_hit(
-                    conn, hit.scope, hit.name, hit.limit, hit.amount, hit.window_s, now
-                )
-                windows.append(decision)
-                if not decision.allowed:
-                    return Admission(False, tuple(windows), ())
-            reservations: list[Reservation] = []
-            for hold in holds:
-                amount = max(1, hold.amount_nano)
-                answer = _decide_hold(
-                    conn, hold.scope, hold.period, hold.limit_nano, amount, reservation_id, now
-                )
-                reservations.append(answer)
-                if not answer.admitted:
-                    return Admission(False, tuple(windows), tuple(reservations))
-            for hit, decision in zip(hits, windows, strict=True):
-                _count(conn, hit.scope, hit.name, hit.window_s, decision)
-            for hold in holds:
-                amount = max(1, hold.amount_nano)
-                _hold(conn, hold.scope, hold.period, amount, reservation_id, now + ttl_s)
-            return Admission(True, tuple(windows), tuple(reservations))
+            conn.execute("SAVEPOINT sidegate_admit")
+            admission = _admit(conn, hits, holds, reservation_id, now, ttl_s)
+            if not admission.admitted:
+                conn.execute("ROLLBACK TO sidegate_admit")
+            conn.execute("RELEASE sidegate_admit")
+            return admission
 
         return await self._db.write(run)
 
@@ -333,12 +359,16 @@ class SqliteMeter:
                 for scope, period in settlement.budgets:
                     _release(conn, scope, period, rid, now)
             elif settlement.budgets:
+                marked: set[Scope] = set()
                 for index, (scope, period) in enumerate(settlement.budgets):
-                    charged = _commit(
-                        conn, scope, period, rid, cost, entry if index == 0 else None, now, keep
-                    )
-                    if index == 0 and not charged:
-                        return False
+                    if scope not in marked and not _mark(conn, scope, rid, now, keep):
+                        if index == 0:
+                            return False  # settled before: nothing more to do
+                        continue
+                    marked.add(scope)
+                    _charge(conn, scope, period, rid, cost)
+                if entry is not None:
+                    append_entry(conn, entry)
             elif entry is not None:
                 append_entry(conn, entry)
             for change in settlement.adjustments:

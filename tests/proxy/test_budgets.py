@@ -30,16 +30,20 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
 from sidegate.config import ConfigError, load_config_text
 from sidegate.config.models import Price, SidegateConfig
 from sidegate.middlewares.api_keys import hash_key
 from sidegate.middlewares.pricing import estimate, nano_to_usd, rates
 from sidegate.middlewares.store import (
+    Admission,
     BudgetStatus,
     LedgerEntry,
     Scope,
+    Settlement,
     Stores,
+    StoreUnavailable,
     open_stores,
     period_key,
 )
@@ -1164,6 +1168,107 @@ async def test_an_unreachable_store_fails_budgeted_requests_closed_unless_fail_o
     served = await fail_open.post(CHAT, json=chat(max_tokens=2))
     assert served.status == 200
     assert meridian.state.count() == 1
+
+
+async def test_a_request_a_budget_refuses_takes_no_place_in_the_rate_window(
+    make: Make, meridian: Upstream
+) -> None:
+    body = chat("fast", max_tokens=8)  # 10,000 nano-USD
+    client = await make(
+        teams={
+            "search": {
+                "rate_limit": {"requests_per_minute": 2},
+                "keys": {"search-prod": {"budget": {"usd": "0.000001", "period": "total"}}},
+            }
+        }
+    )
+    await fresh_minute()
+    for _ in range(3):  # the key's budget refuses: admission is all or nothing
+        refused = await client.post(CHAT, json=body, headers=SEARCH)
+        assert (await error_of(refused))["code"] == "budget_exceeded"
+    statuses = [(await client.post(CHAT, json=body, headers=SEARCH2)).status for _ in range(3)]
+    assert statuses == [200, 200, 429]  # the refused requests did not count
+    assert meridian.state.count(CHAT) == 2
+
+
+async def test_a_commit_the_store_refuses_is_retried_until_it_lands(
+    make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = chat("fast", max_tokens=8)  # estimate == cost == 10,000 nano-USD
+    client = await make(teams={"search": {"budget": AMPLE}})
+    state = client.app[STATE_KEY]
+    meter = state.stores.meter
+    settle = meter.settle
+    refusals = []
+
+    async def refuse_twice(settlement: Settlement) -> bool:
+        if len(refusals) < 2:
+            refusals.append(settlement)
+            raise StoreUnavailable()
+        return await settle(settlement)
+
+    monkeypatch.setattr(meter, "settle", refuse_twice)
+    response = await client.post(CHAT, json=body, headers=SEARCH)
+    assert response.status == 200
+    assert await status_of(client, Scope("search")) == BudgetStatus(0, 10_000)  # still held
+    assert len(state.pending_commits) == 1
+    await asyncio.gather(*state.pending_commits)
+    assert len(refusals) == 2
+    assert await status_of(client, Scope("search")) == BudgetStatus(10_000, 0)
+    entries = await stores_of(client).ledger.query("search", EPOCH, FAR)
+    assert [entry.cost_nano for entry in entries] == [10_000]
+
+
+async def test_an_admission_the_handler_stops_waiting_for_is_undone(
+    aiohttp_client: AiohttpClient,
+    gateway_config: dict[str, Any],
+    store: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    meridian: Upstream,
+) -> None:
+    config = budget_config(
+        gateway_config,
+        store,
+        {"search": {"budget": AMPLE, "rate_limit": {"requests_per_minute": 5}}},
+    )
+    app = create_app(SidegateConfig.model_validate(config))
+    client = await aiohttp_client(app, headers=SEARCH, server_kwargs={"handler_cancellation": True})
+    state = app[STATE_KEY]
+    meter = state.stores.meter
+    admit = meter.admit
+    entered, go_on, landed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow_admit(*args: Any) -> Admission:
+        entered.set()
+        await go_on.wait()
+        admission = await admit(*args)
+        landed.set()
+        return admission
+
+    monkeypatch.setattr(meter, "admit", slow_admit)
+    await fresh_minute()
+    with capture_logs() as logs:
+        request = asyncio.ensure_future(client.post(CHAT, json=chat("fast", max_tokens=8)))
+        await entered.wait()
+        request.cancel()  # the client leaves; with handler_cancellation the handler is cancelled
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+        await eventually(lambda: _access_line(logs), "the cancelled request's access line")
+    assert not state.pending_commits  # the admission has not landed yet
+    go_on.set()
+    await landed.wait()  # the store admitted it: a reservation and a counted request, for now
+
+    async def undone() -> bool | None:
+        held = await status_of(client, Scope("search"))
+        window = await stores_of(client).rates.hit(Scope("search"), "requests", 5, 0)
+        return True if held == BudgetStatus(0, 0) and window.count == 0 else None
+
+    await eventually(undone, "the reservation and the window's count given back")
+    assert meridian.state.count(CHAT) == 0
+
+
+async def _access_line(logs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((line for line in logs if line["event"] == "request"), None)
 
 
 # -- durability -----------------------------------------------------------------------------------
