@@ -258,7 +258,7 @@ class SqliteBudgets:
                 _hold(conn, scope, period, amount, reservation_id, now + ttl_s)
             return answer
 
-        return await self._db.write(run)
+        return await self._db.write(run, durable=False)
 
     async def commit(
         self,
@@ -313,13 +313,13 @@ class SqliteRates:
                 _count(conn, scope, name, window_s, decision)
             return decision
 
-        return await self._db.write(run)
+        return await self._db.write(run, durable=False)
 
     async def adjust(
         self, scope: Scope, name: str, delta: int, *, window_start: float, window_s: int = 60
     ) -> None:
         change = WindowAdjustment(scope, name, delta, window_start, window_s)
-        await self._db.write(lambda conn: _adjust(conn, change))
+        await self._db.write(lambda conn: _adjust(conn, change), durable=False)
 
 
 class SqliteMeter:
@@ -348,7 +348,7 @@ class SqliteMeter:
             conn.execute("RELEASE sidegate_admit")
             return admission
 
-        return await self._db.write(run)
+        return await self._db.write(run, durable=False)
 
     async def settle(self, settlement: Settlement) -> bool:
         now, keep = self._clock(), self._retention_s

@@ -1,7 +1,12 @@
 """The ``sqlite`` backend's file: schema, one connection on one worker thread, transactions.
 
-The file is in WAL mode with ``synchronous=FULL``: a committed transaction survives a crash or a
-power cut, so nothing acknowledged is lost. Every write runs in ``BEGIN IMMEDIATE``, which takes
+The file is in WAL mode. A *durable* write (spend, the ledger, a release) commits with
+``synchronous=FULL``: it survives a crash or a power cut, so no acknowledged spend is lost. An
+admission (rate-window counts and reservations) commits with ``synchronous=NORMAL``: it survives a
+crash of the process but may be lost with a power cut of the machine — which ends every request it
+was admitting, and those are then never charged — and it skips the fsync that would otherwise
+come before the first byte of every budgeted request. The WAL is sequential, so the next durable
+commit makes every earlier write durable too. Every write runs in ``BEGIN IMMEDIATE``, which takes
 the file's write lock before reading, so a read-then-write (a reservation) is atomic across every
 process using the file; a process waits up to ``busy_timeout_s`` for the lock. Any
 ``sqlite3.Error`` becomes :class:`~.types.StoreUnavailable`.
@@ -83,8 +88,9 @@ class SqliteDatabase:
         self._busy_timeout_s = busy_timeout_s
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sidegate-sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._queue: list[tuple[Write, asyncio.Future[Any]]] = []
+        self._queue: list[tuple[Write, asyncio.Future[Any], bool]] = []
         self._batch_running = False
+        self._synchronous = "FULL"  # of the worker thread's connection
 
     @classmethod
     async def open(cls, path: str, *, busy_timeout_s: float = 10.0) -> SqliteDatabase:
@@ -132,15 +138,16 @@ class SqliteDatabase:
             _rollback(conn)
         return result
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run ``fn`` in a ``BEGIN IMMEDIATE`` transaction on the worker thread, batched with the
-        writes queued meanwhile; returns once that transaction has committed.
+        writes queued meanwhile; returns once that transaction has committed — to the disk when
+        ``durable`` (or when another write of the batch is).
 
         ``fn`` runs once even if the caller is cancelled while it waits.
         """
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
-        self._queue.append((fn, done))
+        self._queue.append((fn, done, durable))
         if not self._batch_running:
             self._next_batch(loop)
         return await done
@@ -148,13 +155,15 @@ class SqliteDatabase:
     def _next_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._queue = self._queue, []
         self._batch_running = True
-        job = loop.run_in_executor(self._executor, self._write_batch, [fn for fn, _ in batch])
+        durable = any(durable for _, _, durable in batch)
+        fns = [fn for fn, _, _ in batch]
+        job = loop.run_in_executor(self._executor, self._write_batch, fns, durable)
         job.add_done_callback(partial(self._batch_done, loop, batch))
 
     def _batch_done(
         self,
         loop: asyncio.AbstractEventLoop,
-        batch: list[tuple[Write, asyncio.Future[Any]]],
+        batch: list[tuple[Write, asyncio.Future[Any], bool]],
         job: asyncio.Future[list[Any]],
     ) -> None:
         self._batch_running = False
@@ -162,7 +171,7 @@ class SqliteDatabase:
             self._next_batch(loop)
         error = job.exception() if not job.cancelled() else asyncio.CancelledError()
         outcomes = job.result() if error is None else [_Failed(error)] * len(batch)
-        for (_, done), outcome in zip(batch, outcomes, strict=True):
+        for (_, done, _), outcome in zip(batch, outcomes, strict=True):
             if done.done():
                 continue
             if not isinstance(outcome, _Failed):
@@ -174,8 +183,12 @@ class SqliteDatabase:
             else:
                 done.set_exception(outcome.error)
 
-    def _write_batch(self, fns: list[Write]) -> list[Any]:
+    def _write_batch(self, fns: list[Write], durable: bool) -> list[Any]:
         """One transaction for every write of ``fns``; a savepoint each when there are several."""
+        synchronous = "FULL" if durable else "NORMAL"
+        if synchronous != self._synchronous:
+            self._conn_or_fail().execute(f"PRAGMA synchronous={synchronous}")
+            self._synchronous = synchronous
         if len(fns) == 1:
             try:
                 return [self._write(fns[0])]

@@ -8,13 +8,16 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidegate.middlewares.store import (
+    BudgetHold,
     BudgetStatus,
     LedgerEntry,
     Scope,
+    Settlement,
     SqliteStores,
     StoreUnavailable,
 )
@@ -152,3 +155,41 @@ async def test_writes_queued_meanwhile_share_one_transaction_and_fail_alone(
     finally:
         release.set()
         await db.close()
+
+
+async def test_only_durable_writes_wait_for_the_disk(tmp_path: Path) -> None:
+    db = await SqliteDatabase.open(str(tmp_path / "sync.db"))
+
+    def synchronous(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    try:
+        full, normal = 2, 1
+        assert await db.write(synchronous) == full
+        assert await db.write(synchronous, durable=False) == normal
+        assert await db.write(synchronous) == full
+    finally:
+        await db.close()
+
+
+async def test_admissions_skip_the_fsync_and_settlements_do_not(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stores = await SqliteStores.open(str(tmp_path / "sidegate.db"), clock=clock)
+    seen: list[bool] = []
+    write = SqliteDatabase.write
+
+    async def spy(db: SqliteDatabase, fn: Any, *, durable: bool = True) -> Any:
+        seen.append(durable)
+        return await write(db, fn, durable=durable)
+
+    monkeypatch.setattr(SqliteDatabase, "write", spy)
+    try:
+        hold = BudgetHold(TEAM, "total", 100, 10)
+        assert (await stores.meter.admit((), (hold,), "r", 60)).admitted
+        assert await stores.meter.settle(
+            Settlement(reservation_id="r", budgets=((TEAM, "total"),), cost_nano=10)
+        )
+        assert seen == [False, True]
+    finally:
+        await stores.close()
