@@ -38,16 +38,24 @@ def _key(scope: Scope) -> tuple[str, str]:
 
 
 def _totals(conn: sqlite3.Connection, scope: Scope, period: str, now: float) -> tuple[int, int]:
+    spent, reserved, _ = _budget(conn, scope, period, "", now)
+    return spent, reserved
+
+
+def _budget(
+    conn: sqlite3.Connection, scope: Scope, period: str, reservation_id: str, now: float
+) -> tuple[int, int, bool]:
+    """Spend, live reservations, and whether ``reservation_id`` is one of them: one query."""
     where = (*_key(scope), period)
     row = conn.execute(
-        "SELECT spent FROM spend WHERE team = ? AND key = ? AND period = ?", where
+        "SELECT (SELECT spent FROM spend WHERE team = ?1 AND key = ?2 AND period = ?3),"
+        " (SELECT COALESCE(SUM(amount), 0) FROM reservations"
+        "  WHERE team = ?1 AND key = ?2 AND period = ?3 AND expires_at > ?4),"
+        " EXISTS (SELECT 1 FROM reservations"
+        "  WHERE team = ?1 AND key = ?2 AND period = ?3 AND id = ?5 AND expires_at > ?4)",
+        (*where, now, reservation_id),
     ).fetchone()
-    held = conn.execute(
-        "SELECT COALESCE(SUM(amount), 0) FROM reservations"
-        " WHERE team = ? AND key = ? AND period = ? AND expires_at > ?",
-        (*where, now),
-    ).fetchone()
-    return (0 if row is None else int(row[0])), int(held[0])
+    return int(row[0] or 0), int(row[1]), bool(row[2])
 
 
 def _decide_hold(
@@ -59,18 +67,9 @@ def _decide_hold(
     reservation_id: str,
     now: float,
 ) -> Reservation:
-    """What a reservation of ``amount`` (at least 1) would answer; drops expired ones."""
-    where = (*_key(scope), period)
-    conn.execute(
-        "DELETE FROM reservations WHERE team = ? AND key = ? AND period = ? AND expires_at <= ?",
-        (*where, now),
-    )
-    spent, reserved = _totals(conn, scope, period, now)
-    live = conn.execute(
-        "SELECT 1 FROM reservations WHERE team = ? AND key = ? AND period = ? AND id = ?",
-        (*where, reservation_id),
-    ).fetchone()
-    if live is not None:
+    """What a reservation of ``amount`` (at least 1) would answer."""
+    spent, reserved, live = _budget(conn, scope, period, reservation_id, now)
+    if live:
         return Reservation(True, spent, reserved, limit_nano)
     if spent + reserved + amount > limit_nano:
         return Reservation(False, spent, reserved, limit_nano)
@@ -85,10 +84,32 @@ def _hold(
     reservation_id: str,
     expires_at: float,
 ) -> None:
+    """Reserve (an expired reservation of the same id, not yet swept, is replaced)."""
     conn.execute(
-        "INSERT OR IGNORE INTO reservations VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?, ?)",
         (*_key(scope), period, reservation_id, amount, expires_at),
     )
+
+
+def _sweep(conn: sqlite3.Connection, now: float) -> None:
+    """Drop expired reservations and forgotten commit ids (housekeeping: reads ignore them)."""
+    conn.execute("DELETE FROM reservations WHERE expires_at <= ?", (now,))
+    conn.execute("DELETE FROM commits WHERE forget_at <= ?", (now,))
+
+
+class _Sweeper:
+    """When the next :func:`_sweep` is due: at most once a minute of the store's clock."""
+
+    interval_s = 60.0
+
+    def __init__(self) -> None:
+        self._next = float("-inf")
+
+    def due(self, now: float) -> bool:
+        if now < self._next:
+            return False
+        self._next = now + self.interval_s
+        return True
 
 
 def _commit(
@@ -112,11 +133,12 @@ def _commit(
 def _mark(
     conn: sqlite3.Connection, scope: Scope, reservation_id: str, now: float, retention_s: float
 ) -> bool:
-    """Remember that ``scope`` committed ``reservation_id``; False when it already had."""
-    conn.execute("DELETE FROM commits WHERE forget_at <= ?", (now,))
+    """Remember that ``scope`` committed ``reservation_id``; False when it already had (within
+    the retention: a forgotten id not yet swept is remembered afresh)."""
     done = conn.execute(
-        "INSERT OR IGNORE INTO commits VALUES (?, ?, ?, ?)",
-        (*_key(scope), reservation_id, now + retention_s),
+        "INSERT INTO commits VALUES (?1, ?2, ?3, ?4) ON CONFLICT (team, key, id)"
+        " DO UPDATE SET forget_at = ?4 WHERE forget_at <= ?5",
+        (*_key(scope), reservation_id, now + retention_s, now),
     )
     return done.rowcount > 0
 
@@ -145,24 +167,44 @@ def _admit(
     now: float,
     ttl_s: float,
 ) -> Admission:
-    """Count each hit and reserve each hold as it is decided; the caller rolls back a refusal."""
+    """Decide every hit and hold (a repeated window or budget sees the ones before it), then
+    write them all — or nothing, on the first refusal."""
+    counted: dict[tuple[Scope, str, int], RateDecision] = {}
     windows: list[RateDecision] = []
     for hit in hits:
-        decision = _decide_hit(conn, hit.scope, hit.name, hit.limit, hit.amount, hit.window_s, now)
+        window = (hit.scope, hit.name, hit.window_s)
+        before = counted.get(window)
+        if before is None:
+            decision = _decide_hit(
+                conn, hit.scope, hit.name, hit.limit, hit.amount, hit.window_s, now
+            )
+        else:
+            allowed = before.count + hit.amount <= hit.limit
+            count = before.count + hit.amount if allowed else before.count
+            decision = RateDecision(allowed, count, hit.limit, before.window_start, before.reset_at)
         windows.append(decision)
         if not decision.allowed:
             return Admission(False, tuple(windows), ())
-        _count(conn, hit.scope, hit.name, hit.window_s, decision)
+        counted[window] = decision
+    held: dict[tuple[Scope, str], tuple[int, Reservation]] = {}
     reservations: list[Reservation] = []
     for hold in holds:
-        amount = max(1, hold.amount_nano)
-        answer = _decide_hold(
-            conn, hold.scope, hold.period, hold.limit_nano, amount, reservation_id, now
-        )
+        budget, amount = (hold.scope, hold.period), max(1, hold.amount_nano)
+        if budget in held:  # the same id is live in it now
+            prior = held[budget][1]
+            answer = Reservation(True, prior.spent, prior.reserved, hold.limit_nano)
+        else:
+            answer = _decide_hold(
+                conn, hold.scope, hold.period, hold.limit_nano, amount, reservation_id, now
+            )
         reservations.append(answer)
         if not answer.admitted:
             return Admission(False, tuple(windows), tuple(reservations))
-        _hold(conn, hold.scope, hold.period, amount, reservation_id, now + ttl_s)
+        held.setdefault(budget, (amount, answer))
+    for (scope, name, window_s), decision in counted.items():
+        _count(conn, scope, name, window_s, decision)
+    for (scope, period), (amount, _) in held.items():
+        _hold(conn, scope, period, amount, reservation_id, now + ttl_s)
     return Admission(True, tuple(windows), tuple(reservations))
 
 
@@ -235,10 +277,13 @@ class SqliteBudgets:
     """:class:`~.protocols.BudgetStore` in the ``spend``, ``reservations`` and ``commits``
     tables; a commit writes the ledger row in the same transaction."""
 
-    def __init__(self, db: SqliteDatabase, clock: Clock, retention_s: float) -> None:
+    def __init__(
+        self, db: SqliteDatabase, clock: Clock, retention_s: float, sweeper: _Sweeper
+    ) -> None:
         self._db = db
         self._clock = clock
         self._retention_s = retention_s
+        self._sweeper = sweeper
 
     async def reserve(
         self,
@@ -251,8 +296,11 @@ class SqliteBudgets:
     ) -> Reservation:
         nonnegative(limit_nano=limit_nano, amount_nano=amount_nano, ttl_s=ttl_s)
         amount, now = max(1, amount_nano), self._clock()
+        sweep = self._sweeper.due(now)
 
         def run(conn: sqlite3.Connection) -> Reservation:
+            if sweep:
+                _sweep(conn, now)
             answer = _decide_hold(conn, scope, period, limit_nano, amount, reservation_id, now)
             if answer.admitted:
                 _hold(conn, scope, period, amount, reservation_id, now + ttl_s)
@@ -325,10 +373,13 @@ class SqliteRates:
 class SqliteMeter:
     """:class:`~.protocols.Meter`: an admission or a settlement is one write transaction."""
 
-    def __init__(self, db: SqliteDatabase, clock: Clock, retention_s: float) -> None:
+    def __init__(
+        self, db: SqliteDatabase, clock: Clock, retention_s: float, sweeper: _Sweeper
+    ) -> None:
         self._db = db
         self._clock = clock
         self._retention_s = retention_s
+        self._sweeper = sweeper
 
     async def admit(
         self,
@@ -340,13 +391,12 @@ class SqliteMeter:
         nonnegative(ttl_s=ttl_s)
         now = self._clock()
 
+        sweep = self._sweeper.due(now)
+
         def run(conn: sqlite3.Connection) -> Admission:
-            conn.execute("SAVEPOINT sidegate_admit")
-            admission = _admit(conn, hits, holds, reservation_id, now, ttl_s)
-            if not admission.admitted:
-                conn.execute("ROLLBACK TO sidegate_admit")
-            conn.execute("RELEASE sidegate_admit")
-            return admission
+            if sweep:
+                _sweep(conn, now)
+            return _admit(conn, hits, holds, reservation_id, now, ttl_s)
 
         return await self._db.write(run, durable=False)
 
@@ -389,10 +439,11 @@ class SqliteStores:
         commit_retention_s: float = COMMIT_RETENTION_S,
     ) -> None:
         self._db = db
-        self._budgets = SqliteBudgets(db, clock, commit_retention_s)
+        sweeper = _Sweeper()
+        self._budgets = SqliteBudgets(db, clock, commit_retention_s, sweeper)
         self._ledger = SqliteLedger(db)
         self._rates = SqliteRates(db, clock)
-        self._meter = SqliteMeter(db, clock, commit_retention_s)
+        self._meter = SqliteMeter(db, clock, commit_retention_s, sweeper)
 
     @classmethod
     async def open(
