@@ -17,13 +17,13 @@ its rule says ``fail_open``. A commit that fails is retried in the background, n
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 import orjson
@@ -202,7 +202,7 @@ class _Metered:
         budgets: list[tuple[BudgetRule, datetime | None]] = []
         fail_open = True
         admission: Admission | None = None
-        moment = datetime.fromtimestamp(self.clock(), UTC)
+        day = math.floor(self.clock() / 86_400)
         for scope, rule in rules:
             if rule.rate is not None:
                 fail_open = fail_open and rule.rate.fail_open
@@ -215,7 +215,7 @@ class _Metered:
         for scope, rule in rules:
             if rule.budget is not None:
                 fail_open = fail_open and rule.budget.fail_open
-                period, resets = period_key(rule.budget.period, moment)  # type: ignore[arg-type]
+                period, resets = _period(rule.budget.period, day)
                 holds.append(
                     BudgetHold(scope, period, rule.budget.limit_nano, self.estimate.cost_nano)
                 )
@@ -246,7 +246,7 @@ class _Metered:
         try:
             return await asyncio.shield(admitting)
         except asyncio.CancelledError:
-            admitting.add_done_callback(partial(self._undo, hits, holds))
+            admitting.add_done_callback(functools.partial(self._undo, hits, holds))
             raise
 
     def _undo(
@@ -443,20 +443,21 @@ def _call_team(call: Call) -> str | None:
 def _seen(hits: list[WindowHit], windows: tuple[RateDecision, ...]) -> RateLimits:
     """The first rate-limited scope's windows, as rate-limit headers show them."""
     first = hits[0].scope
-    limits = RateLimits()
+    values: dict[str, float | int] = {}
     for hit, decision in zip(hits, windows, strict=True):
         if hit.scope != first:
             break
-        if hit.name == "requests":
-            seen = RateLimits(hit.limit, decision.remaining, decision.reset_at)
-        else:
-            seen = RateLimits(
-                limit_tokens=hit.limit,
-                remaining_tokens=decision.remaining,
-                reset_tokens=decision.reset_at,
-            )
-        limits = limits.merged(seen)
-    return limits
+        values[f"limit_{hit.name}"] = hit.limit
+        values[f"remaining_{hit.name}"] = decision.remaining
+        values[f"reset_{hit.name}"] = decision.reset_at
+    return RateLimits(**values)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=64)
+def _period(period: str, day: int) -> tuple[str, datetime | None]:
+    """:func:`period_key` of ``period`` on UTC day number ``day`` (days since the epoch): periods
+    change only at midnight UTC, so one computation serves a whole day."""
+    return period_key(period, datetime.fromtimestamp(day * 86_400, UTC))  # type: ignore[arg-type]
 
 
 class _UsageFilter:
