@@ -7,17 +7,19 @@ logged during the request, sent upstream, and returned to the client on every re
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from .contract import CALL_KEY, REQUEST_ID_KEY
 
-__all__ = ["RequestObserver", "access_log_middleware", "stamp_request_id"]
+__all__ = ["RequestObserver", "access_log_middleware", "add_request_id", "stamp_request_id"]
 
 log = structlog.get_logger("sidegate.access")
 
@@ -40,6 +42,7 @@ def access_log_middleware(*, observer: RequestObserver | None = None) -> Middlew
     The line holds: request id, method, path, status, latency; and, when routing made a
     :class:`~sidegate.middlewares.contract.Call`, upstream, model, team, stream, attempts,
     upstream status and latency, bytes sent. Never a header value, so never a credential.
+    When the configured level filters info lines out, the line costs one level check.
     """
 
     @web.middleware
@@ -48,55 +51,78 @@ def access_log_middleware(*, observer: RequestObserver | None = None) -> Middlew
         request[REQUEST_ID_KEY] = request_id = request_id or os.urandom(12).hex()
         started = time.perf_counter()
         status = 500
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
+        tokens = bind_contextvars(request_id=request_id)
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
             try:
-                response = await handler(request)
-                status = response.status
-                return response
-            finally:
                 latency = time.perf_counter() - started
-                _log(request, request_id, status, latency)
+                if _enabled(log):
+                    _log(request, request_id, status, latency)
                 if observer is not None:
                     resource = request.match_info.route.resource
                     endpoint = resource.canonical if resource is not None else "unmatched"
                     observer.record(endpoint, status, latency)
+            finally:
+                reset_contextvars(**tokens)
 
     return access_log
 
 
+def _enabled(logger: Any) -> bool:
+    """Whether ``logger`` would emit an info line (a logger that cannot tell: yes)."""
+    check = getattr(logger, "is_enabled_for", None)
+    return check is None or bool(check(logging.INFO))
+
+
 def _log(request: web.Request, request_id: str, status: int, latency: float) -> None:
-    fields: dict[str, object] = {
-        "request_id": request_id,
-        "method": request.method,
-        "path": request.path,
-        "status": status,
-        "latency_ms": round(latency * 1000.0, 3),
-    }
     call = request.get(CALL_KEY)
-    if call is not None:
-        route = call.route
-        upstream_ms = call.upstream_latency_ms
-        fields.update(
-            upstream=route.upstream,
-            model=route.public_model,
-            upstream_model=route.upstream_model,
-            team=call.principal.team if call.principal else None,
-            stream=call.stream,
-            attempts=call.attempts,
-            upstream_key=call.upstream_key_id,
-            upstream_status=call.upstream_status,
-            upstream_latency_ms=round(upstream_ms, 3) if upstream_ms is not None else None,
-            cache=call.cache_status,
-            cost_nano_usd=call.cost_nano_usd,
-            usage=call.usage,
-            bytes_in=len(call.body),
-            bytes_out=call.bytes_out,
+    if call is None:
+        log.info(
+            "request",
+            request_id=request_id,
+            method=request.method,
+            path=request.path,
+            status=status,
+            latency_ms=round(latency * 1000.0, 3),
         )
-    log.info("request", **fields)
+        return
+    route = call.route
+    upstream_ms = call.upstream_latency_ms
+    principal = call.principal
+    log.info(
+        "request",
+        request_id=request_id,
+        method=request.method,
+        path=request.path,
+        status=status,
+        latency_ms=round(latency * 1000.0, 3),
+        upstream=route.upstream,
+        model=route.public_model,
+        upstream_model=route.upstream_model,
+        team=principal.team if principal is not None else None,
+        stream=call.stream,
+        attempts=call.attempts,
+        upstream_key=call.upstream_key_id,
+        upstream_status=call.upstream_status,
+        upstream_latency_ms=round(upstream_ms, 3) if upstream_ms is not None else None,
+        cache=call.cache_status,
+        cost_nano_usd=call.cost_nano_usd,
+        usage=call.usage,
+        bytes_in=len(call.body),
+        bytes_out=call.bytes_out,
+    )
 
 
 async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare`` hook: every response, streamed ones too, carries x-request-id."""
+    add_request_id(request, response)
+
+
+def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """What :func:`stamp_request_id` does, for an app that runs one prepare hook of its own."""
     request_id = request.get(REQUEST_ID_KEY)
     if request_id is not None:
         response.headers["x-request-id"] = request_id

@@ -59,7 +59,9 @@ def auth_middleware(
 
     ``teams`` maps each known team to its model allowlist (``None``: every model); when given,
     a token naming another team is refused with 403. A Principal's models are its team's,
-    narrowed by the key's own list.
+    narrowed by the key's own list. An API key's Principal is built on the key's first use and
+    reused (``api_keys`` and ``teams`` are read as they are then); a disabled or expired key is
+    refused on every request.
     """
     authenticator = _Authenticator(api_keys, jwt, teams, clock)
 
@@ -84,6 +86,7 @@ class _Authenticator:
         self.jwt = jwt
         self.teams = teams
         self.clock = clock
+        self._principals: dict[str, Principal] = {}  # by key digest: the same for every request
 
     async def principal(self, request: web.Request) -> Principal:
         credential = _credential(request)
@@ -104,12 +107,15 @@ class _Authenticator:
         if key.expires is not None and key.expires <= self.clock():
             log.info("auth_refused", reason="key_expired", key_id=key.id)
             raise Unauthorized("This API key has expired.")
-        return Principal(
-            team=key.team,
-            key_id=key.id,
-            roles=key.roles,
-            models=_narrow(self._team_models(key.team), key),
-        )
+        principal = self._principals.get(key.digest)
+        if principal is None:
+            principal = self._principals[key.digest] = Principal(
+                team=key.team,
+                key_id=key.id,
+                roles=key.roles,
+                models=_narrow(self._team_models(key.team), key),
+            )
+        return principal
 
     async def _from_token(self, token: str) -> Principal:
         assert self.jwt is not None

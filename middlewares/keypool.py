@@ -101,13 +101,21 @@ class KeySpec:
 
 @dataclass(frozen=True, slots=True)
 class PoolSpec:
-    """One upstream's keys and how they are used and sent (``header: scheme secret``)."""
+    """One upstream's keys and how they are used and sent (``header: scheme secret``).
+
+    ``readings``: whether the pool keeps each key's ``x-ratelimit-*`` readings (and counts its
+    picks off them). ``least_limited`` always does; :meth:`KeyPool.aggregate` (the ``team``
+    header mode's fallback) and :attr:`KeyStatus.limits` need them too. Without, a key's limits
+    stay empty and observing an answer looks only at its status (429 cooldown, 401/403
+    quarantine), which is cheaper.
+    """
 
     keys: Sequence[KeySpec]
     strategy: KeyStrategy = "round_robin"
     header: str = "Authorization"
     scheme: str = "Bearer"
     expiry_warning_days: float = 7.0
+    readings: bool = True
 
 
 @dataclass(eq=False)
@@ -169,6 +177,7 @@ class KeyPool:
         self._keys: list[PoolKey] = []
         self._cursor = 0
         self._picks = 0
+        self._readings = True
         self.rebuild(spec)
 
     @property
@@ -197,6 +206,10 @@ class KeyPool:
             keys.append(key)
         self.spec = spec
         self._keys = keys
+        self._readings = spec.readings or spec.strategy == "least_limited"
+        if not self._readings:
+            for key in keys:
+                key.limits = _NO_READINGS
         self._check_expiry(self.clock())
 
     def acquire(self, pinned: PoolKey | None = None) -> PoolKey:
@@ -206,22 +219,20 @@ class KeyPool:
         """
         now = self.clock()
         self._check_expiry(now)
-        if pinned is not None:
-            candidates = [pinned] if pinned.state(now) == "active" else []
-            waiting = [pinned] if pinned.state(now) == "cooling" else []
-        else:
-            candidates = [key for key in self._keys if key.state(now) == "active"]
-            waiting = [key for key in self._keys if key.state(now) == "cooling"]
+        keys = [pinned] if pinned is not None else self._keys
+        candidates = [key for key in keys if key.state(now) == "active"]
         if not candidates:
+            waiting = [key for key in keys if key.state(now) == "cooling"]
             if waiting:
                 raise KeysCoolingDown(self.name, min(k.cooling_until for k in waiting) - now)
             raise NoUsableKey(f"The upstream {self.name!r} has no usable key.")
         key = candidates[0] if pinned is not None else self._pick(candidates, now)
         self._picks += 1
         key.last_pick = self._picks
-        remaining = key.limits.current(now).remaining_requests
-        if remaining is not None:
-            key.limits = key.limits.merged(RateLimits(remaining_requests=max(0, remaining - 1)))
+        if self._readings:
+            remaining = key.limits.current(now).remaining_requests
+            if remaining is not None:
+                key.limits = key.limits.merged(RateLimits(remaining_requests=max(0, remaining - 1)))
         return key
 
     def _pick(self, candidates: list[PoolKey], now: float) -> PoolKey:
@@ -235,8 +246,11 @@ class KeyPool:
             return chosen
         if strategy == "least_limited":
             return max(candidates, key=lambda k: (k.limits.current(now).headroom(), -k.last_pick))
-        usable = {id(key) for key in candidates}
         count = len(self._keys)
+        if count == 1:
+            self._cursor = 0
+            return candidates[0]
+        usable = {id(key) for key in candidates}
         for step in range(count):
             key = self._keys[(self._cursor + step) % count]
             if id(key) in usable:
@@ -254,9 +268,10 @@ class KeyPool:
     ) -> None:
         """Learn from an upstream answer sent with ``key``: readings, 429 cooldown, 401/403."""
         now = self.clock()
-        limits = parse_ratelimits(headers, now)
-        if limits is not None:
-            key.limits = key.limits.merged(limits)
+        if self._readings:
+            limits = parse_ratelimits(headers, now)
+            if limits is not None:
+                key.limits = key.limits.merged(limits)
         if status == 429:
             seconds = self.default_cooldown_s if hint is None else hint
             key.cooling_until = max(key.cooling_until, now + seconds)
@@ -313,7 +328,7 @@ class KeyPool:
 
     def _check_expiry(self, now: float) -> None:
         for key in self._keys:
-            if key.warned:
+            if key.warned or key.spec.not_after is None:
                 continue
             if key.state(now) == "expired":
                 key.warned = True
@@ -326,6 +341,9 @@ class KeyPool:
                     key_id=key.id,
                     not_after=key.spec.not_after.isoformat() if key.spec.not_after else None,
                 )
+
+
+_NO_READINGS = RateLimits()
 
 
 def _known(values: Iterable[float | None]) -> list[float]:

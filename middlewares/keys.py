@@ -24,7 +24,7 @@ from .keypool import (
     PoolKey,
     PoolSpec,
 )
-from .outbound import current_outbound, joined_outbound
+from .outbound import OUTBOUND, Outbound, current_outbound
 from .ratelimits import response_retry_hint
 
 __all__ = [
@@ -99,7 +99,12 @@ def key_rotation_middleware(
         pool = resolve(request)
         if pool is None:
             return await handler(request)
-        with joined_outbound() as outbound:
+        outbound = OUTBOUND.get()
+        token = None
+        if outbound is None:  # no caller's Outbound: one of our own for this request
+            outbound = Outbound()
+            token = OUTBOUND.set(outbound)
+        try:
             outbound.other_key_ready = False
             key = pool.acquire(outbound.pinned_key)
             if "Idempotency-Key" in request.headers:
@@ -109,12 +114,16 @@ def key_rotation_middleware(
             outbound.key_id = key.id
             outbound.key_ids.append(key.id)
             response = await handler(request)
+            status = response.status
             hint = None
-            if response.status == 429:
+            if status == 429:
                 hint = await response_retry_hint(response, pool.clock())
-            pool.observe(key, response.status, response.headers, hint)
-            if response.status == 429:
+            pool.observe(key, status, response.headers, hint)
+            if status == 429:
                 outbound.other_key_ready = outbound.pinned_key is None and pool.has_available()
             return response
+        finally:
+            if token is not None:
+                OUTBOUND.reset(token)
 
     return key_rotation

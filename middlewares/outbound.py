@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["OUTBOUND", "Outbound", "current_outbound", "joined_outbound", "outbound_scope"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Outbound:
     """One outbound request across its attempts.
 

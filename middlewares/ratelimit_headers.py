@@ -66,21 +66,24 @@ class RateLimitSource(Protocol):
 
 def _canonical(headers: CIMultiDict[str]) -> bool:
     """Whether every x-ratelimit header present is one whole number (resets: unix seconds)."""
-    for name in RATELIMIT_HEADERS:
-        values = headers.getall(name, ())
+    getall = headers.getall
+    for name, shortest in _CANONICAL:
+        values = getall(name, ())
         if not values:
             continue
         if len(values) > 1:
             return False
         value = values[0]
-        if not (value.isascii() and value.isdigit()):
-            return False
-        if name.startswith("x-ratelimit-reset") and len(value) < _UNIX_DIGITS:
+        if len(value) < shortest or not (value.isascii() and value.isdigit()):
             return False
     return True
 
 
 _UNIX_DIGITS = 10  # a bare number this long is a unix time, shorter ones are seconds from now
+_CANONICAL = tuple(
+    (name, _UNIX_DIGITS if name.startswith("x-ratelimit-reset") else 1)
+    for name in RATELIMIT_HEADERS
+)
 
 
 class _Rewriter:
@@ -130,6 +133,7 @@ def ratelimit_headers_middleware(
     team_limits: Callable[[web.Request], RateLimits | None] | None = None,
     pools: Callable[[web.Request], RateLimitSource | None] | None = None,
     clock: Callable[[], float] = time.time,
+    on_prepare: bool = False,
 ) -> Middleware:
     """A middleware applying ``mode`` (see the module docstring) to the responses below it.
 
@@ -139,11 +143,22 @@ def ratelimit_headers_middleware(
     ``team_limits(request)`` gives the caller's team limits (``team`` mode); ``pools(request)``
     the upstream's key pool for the fallback aggregate. Responses not yet prepared when the
     handler returns are rewritten here; streamed ones need :func:`ratelimit_headers_on_prepare`
-    in the app's ``on_response_prepare``.
+    in the app's ``on_response_prepare``. ``on_prepare=True`` says the app has it (as
+    :func:`setup_ratelimit_headers` and sidegate's gateway do): every response is then rewritten
+    there, once, and the middleware only marks the request.
     """
     if not callable(mode) and mode not in _MODES:
         raise ValueError(f"unknown rate-limit headers mode {mode!r}")
     rewriter = _Rewriter(mode, team_limits, pools, clock)
+
+    if on_prepare:
+
+        @web.middleware
+        async def mark(request: web.Request, handler: Handler) -> web.StreamResponse:
+            request[_REWRITER] = rewriter
+            return await handler(request)
+
+        return mark
 
     @web.middleware
     async def ratelimit_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -183,7 +198,9 @@ def setup_ratelimit_headers(
 ) -> None:
     """Append :func:`ratelimit_headers_middleware` to ``app`` and register the prepare handler."""
     app.middlewares.append(
-        ratelimit_headers_middleware(mode, team_limits=team_limits, pools=pools, clock=clock)
+        ratelimit_headers_middleware(
+            mode, team_limits=team_limits, pools=pools, clock=clock, on_prepare=True
+        )
     )
     app.on_response_prepare.append(ratelimit_headers_on_prepare)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -54,9 +54,10 @@ RATELIMIT_HEADERS = tuple(
 
 
 def _number(value: str) -> float | None:
-    value = value.strip()
-    if not _NUMBER.fullmatch(value):
-        return None
+    if not (value.isascii() and value.isdigit()):  # else the general form (the rare case)
+        value = value.strip()
+        if not _NUMBER.fullmatch(value):
+            return None
     number = float(value)
     return number if math.isfinite(number) else None
 
@@ -122,8 +123,11 @@ class RateLimits:
 
     def merged(self, newer: RateLimits) -> RateLimits:
         """These values, overridden by every value ``newer`` knows."""
-        known = {k: v for k, v in _fields(newer).items() if v is not None}
-        return replace(self, **known)
+        values = [
+            new if new is not None else old
+            for new, old in zip(_values(newer), _values(self), strict=True)
+        ]
+        return RateLimits(*values)
 
     def current(self, now: float) -> RateLimits:
         """As of ``now``: a window whose reset has passed is full again."""
@@ -170,30 +174,35 @@ class RateLimits:
         return out
 
 
-def _fields(limits: RateLimits) -> dict[str, Any]:
-    return {field.name: getattr(limits, field.name) for field in fields(limits)}
-
-
-def _values(limits: RateLimits) -> tuple[float | int | None, ...]:
-    return tuple(_fields(limits).values())
+def _values(limits: RateLimits) -> tuple[Any, ...]:
+    """The six fields in declaration order (the order of :data:`RATELIMIT_HEADERS`)."""
+    return (
+        limits.limit_requests,
+        limits.remaining_requests,
+        limits.reset_requests,
+        limits.limit_tokens,
+        limits.remaining_tokens,
+        limits.reset_tokens,
+    )
 
 
 def parse_ratelimits(headers: Mapping[str, str], now: float) -> RateLimits | None:
     """The ``x-ratelimit-*`` values in ``headers``, or None when there is none to read."""
-
-    def reset(name: str) -> float | None:
-        value = headers.get(name)
-        return None if value is None else parse_reset(value, now)
-
-    limits = RateLimits(
-        limit_requests=_count(headers.get("x-ratelimit-limit-requests")),
-        remaining_requests=_count(headers.get("x-ratelimit-remaining-requests")),
-        reset_requests=reset("x-ratelimit-reset-requests"),
-        limit_tokens=_count(headers.get("x-ratelimit-limit-tokens")),
-        remaining_tokens=_count(headers.get("x-ratelimit-remaining-tokens")),
-        reset_tokens=reset("x-ratelimit-reset-tokens"),
+    get = headers.get
+    reset_requests = get("x-ratelimit-reset-requests")
+    reset_tokens = get("x-ratelimit-reset-tokens")
+    values = (
+        _count(get("x-ratelimit-limit-requests")),
+        _count(get("x-ratelimit-remaining-requests")),
+        None if reset_requests is None else parse_reset(reset_requests, now),
+        _count(get("x-ratelimit-limit-tokens")),
+        _count(get("x-ratelimit-remaining-tokens")),
+        None if reset_tokens is None else parse_reset(reset_tokens, now),
     )
-    return None if limits == RateLimits() else limits
+    return None if values == _UNKNOWN else RateLimits(*values)
+
+
+_UNKNOWN = (None,) * 6
 
 
 def body_retry_after(body: bytes) -> float | None:

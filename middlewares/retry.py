@@ -26,7 +26,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Protocol
 
 import aiohttp
@@ -35,7 +34,7 @@ from aiohttp.client_middlewares import ClientMiddlewareType
 
 from .errors import BadRequest
 from .keypool import KeysCoolingDown
-from .outbound import Outbound, joined_outbound
+from .outbound import OUTBOUND, Outbound
 from .ratelimits import response_retry_hint
 
 __all__ = [
@@ -53,6 +52,7 @@ IDEMPOTENCY_KEY = "Idempotency-Key"
 RETRY_CONDITIONS = frozenset(
     {"connect_error", "read_timeout", "disconnected", "429", "500", "502", "503", "504"}
 )
+_STATUS_FAILURES = {int(c): c for c in RETRY_CONDITIONS if c.isdigit()}
 _MAX_KEY_LENGTH = 255
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -111,14 +111,21 @@ class RetryBudget:
     @contextmanager
     def track(self) -> Iterator[_Ticket]:
         """Count one request in flight for the block; its ticket may take a retry slot."""
-        ticket = _Ticket(self)
-        self.in_flight += 1
+        ticket = self.enter()
         try:
             yield ticket
         finally:
-            self.in_flight -= 1
-            if ticket.held:
-                self.retrying -= 1
+            self.leave(ticket)
+
+    def enter(self) -> _Ticket:
+        """Count one request in flight until :meth:`leave` (what :meth:`track` does)."""
+        self.in_flight += 1
+        return _Ticket(self)
+
+    def leave(self, ticket: _Ticket) -> None:
+        self.in_flight -= 1
+        if ticket.held:
+            self.retrying -= 1
 
 
 class _Ticket:
@@ -137,19 +144,12 @@ class _Ticket:
         return True
 
 
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    response: ClientResponse | None
-    error: BaseException | None
-    failure: str | None
-    hint: float | None
-    ready: bool = False
-
-    def result(self) -> ClientResponse:
-        if self.error is not None:
-            raise self.error
-        assert self.response is not None
-        return self.response
+def _result(response: ClientResponse | None, error: BaseException | None) -> ClientResponse:
+    """What the last attempt ended with: its response, or its error raised again."""
+    if error is not None:
+        raise error
+    assert response is not None
+    return response
 
 
 def mutating_request(request: ClientRequest) -> bool:
@@ -231,77 +231,90 @@ def retry_middleware(
         ceiling = min(settings.max_delay_s, settings.base_delay_s * 2.0 ** (attempt - 1))
         return max(rng() * ceiling, hint or 0.0)
 
-    def stop_reason(attempt: int, wait: float, outbound: Outbound, ticket: _Ticket) -> str | None:
-        if attempt >= settings.max_attempts:
-            return "max_attempts"
+    def stop_reason(wait: float, outbound: Outbound, ticket: _Ticket) -> str | None:
         assert outbound.deadline is not None
         if clock() + wait > outbound.deadline:
             return "deadline"
         return None if ticket.acquire() else "budget"
 
-    async def attempt_once(
-        request: ClientRequest, handler: ClientHandlerType, outbound: Outbound
-    ) -> _Outcome:
-        conditions = idempotent if outbound.idempotency_key is not None else always
-        try:
-            response = await handler(request)
-        except KeysCoolingDown as exc:
-            return _Outcome(None, exc, "429", exc.retry_after)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            outbound.attempts += 1
-            failure = _failure(exc)
-            outbound.last_failure = failure
-            if failure is None or failure not in conditions:
-                raise
-            return _Outcome(None, exc, failure, None)
-        outbound.attempts += 1
-        failure = str(response.status)
-        if failure not in conditions:
-            return _Outcome(response, None, None, None)
-        hint = await response_retry_hint(response, wall_clock())
-        ready = response.status == 429 and outbound.other_key_ready
-        return _Outcome(response, None, failure, hint, ready=ready)
+    def stop(outbound: Outbound, failure: str, reason: str) -> None:
+        outbound.stop_reason = reason
+        outbound.over_budget = reason == "budget"
+        outbound.gave_up = outbound.over_budget or outbound.attempts > 1
+        if observer is not None:
+            observer.stopped(failure, reason)
 
-    async def attempts(
-        request: ClientRequest, handler: ClientHandlerType, outbound: Outbound, ticket: _Ticket
-    ) -> ClientResponse:
-        for attempt in range(1, settings.max_attempts + 1):
-            outcome = await attempt_once(request, handler, outbound)
-            if outcome.failure is None:
-                assert outcome.response is not None
-                return outcome.response
-            outbound.last_failure = outcome.failure
-            wait = 0.0 if outcome.ready else backoff(attempt, outcome.hint)
-            reason = stop_reason(attempt, wait, outbound, ticket)
-            if reason is not None:
-                outbound.stop_reason = reason
-                outbound.over_budget = reason == "budget"
-                outbound.gave_up = outbound.over_budget or outbound.attempts > 1
-                if observer is not None:
-                    observer.stopped(outcome.failure, reason)
-                return outcome.result()
-            if outcome.response is not None:
-                outcome.response.release()
-            if observer is not None:
-                observer.retried(outcome.failure)
-            outbound.waits.append(wait)
-            await sleep(wait)
-        raise AssertionError("unreachable: the last attempt always stops")
+    def begin(request: ClientRequest, outbound: Outbound) -> frozenset[str]:
+        """Before the first attempt: the Idempotency-Key and the deadline; what is retried."""
+        key = _idempotency_key(request)
+        wanted = outbound.generate_idempotency_key
+        if wanted is None:
+            wanted = generate_idempotency_key is not None and generate_idempotency_key(request)
+        if key is None and wanted:
+            reuse = outbound.idempotency_key if outbound.idempotency_key_generated else None
+            key = request.headers[IDEMPOTENCY_KEY] = reuse or str(uuid.uuid4())
+            outbound.idempotency_key_generated = True
+        outbound.idempotency_key = key
+        if outbound.deadline is None:
+            outbound.deadline = clock() + settings.deadline_s
+        return idempotent if key is not None else always
 
     async def retry(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
-        with joined_outbound() as outbound:
-            key = _idempotency_key(request)
-            wanted = outbound.generate_idempotency_key
-            if wanted is None:
-                wanted = generate_idempotency_key is not None and generate_idempotency_key(request)
-            if key is None and wanted:
-                reuse = outbound.idempotency_key if outbound.idempotency_key_generated else None
-                key = request.headers[IDEMPOTENCY_KEY] = reuse or str(uuid.uuid4())
-                outbound.idempotency_key_generated = True
-            outbound.idempotency_key = key
-            if outbound.deadline is None:
-                outbound.deadline = clock() + settings.deadline_s
-            with shared.track() as ticket:
-                return await attempts(request, handler, outbound, ticket)
+        outbound = OUTBOUND.get()
+        token = None
+        if outbound is None:  # no caller's Outbound: one of our own for this request
+            outbound = Outbound()
+            token = OUTBOUND.set(outbound)
+        ticket = None
+        try:
+            conditions = begin(request, outbound)
+            ticket = shared.enter()
+            final = settings.max_attempts
+            for attempt in range(1, final + 1):
+                response: ClientResponse | None = None
+                error: BaseException | None = None
+                hint: float | None = None
+                try:
+                    response = await handler(request)
+                except KeysCoolingDown as exc:
+                    error, failure, hint = exc, "429", exc.retry_after
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    outbound.attempts += 1
+                    found = _failure(exc)
+                    outbound.last_failure = found
+                    if found is None or found not in conditions:
+                        raise
+                    error, failure = exc, found
+                else:
+                    outbound.attempts += 1
+                    found = _STATUS_FAILURES.get(response.status)
+                    if found is None or found not in conditions:
+                        return response
+                    failure = found
+                outbound.last_failure = failure
+                if attempt >= final:  # no wait to work out: the upstream's hint is not read
+                    stop(outbound, failure, "max_attempts")
+                    return _result(response, error)
+                ready = False
+                if response is not None:
+                    hint = await response_retry_hint(response, wall_clock())
+                    ready = response.status == 429 and outbound.other_key_ready
+                wait = 0.0 if ready else backoff(attempt, hint)
+                reason = stop_reason(wait, outbound, ticket)
+                if reason is not None:
+                    stop(outbound, failure, reason)
+                    return _result(response, error)
+                if response is not None:
+                    response.release()
+                if observer is not None:
+                    observer.retried(failure)
+                outbound.waits.append(wait)
+                await sleep(wait)
+            raise AssertionError("unreachable: the last attempt always stops")
+        finally:
+            if ticket is not None:
+                shared.leave(ticket)
+            if token is not None:
+                OUTBOUND.reset(token)
 
     return retry

@@ -14,9 +14,9 @@ from aiohttp.typedefs import Handler, Middleware
 
 from sidegate.config import load_config
 from sidegate.config.models import MemoryStore, RedisStore, SidegateConfig, SqliteStore
-from sidegate.middlewares.access_log import access_log_middleware, stamp_request_id
+from sidegate.middlewares.access_log import access_log_middleware, add_request_id
 from sidegate.middlewares.errors import SidegateError, error_middleware
-from sidegate.middlewares.ratelimit_headers import ratelimit_headers_on_prepare
+from sidegate.middlewares.ratelimit_headers import apply_ratelimit_headers
 from sidegate.middlewares.store import Stores, open_stores
 
 from . import handlers
@@ -70,8 +70,7 @@ def create_app(config: SidegateConfig | str | os.PathLike[str]) -> web.Applicati
     metrics.watch_keys(state.key_pools)
     app[STATE_KEY] = state
     app.middlewares.append(_dispatch(state))
-    app.on_response_prepare.append(stamp_request_id)
-    app.on_response_prepare.append(ratelimit_headers_on_prepare)
+    app.on_response_prepare.append(_on_response_prepare)
     app.cleanup_ctx.append(_lifecycle(loaded))
     return app
 
@@ -94,6 +93,12 @@ def held_secrets(app: web.Application) -> frozenset[str]:
     return active.runtime.secrets if active is not None else frozenset()
 
 
+async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response, streamed ones too: x-request-id, then the rate-limit headers' mode."""
+    add_request_id(request, response)
+    apply_ratelimit_headers(request, response)
+
+
 def _dispatch(state: GatewayState) -> Middleware:
     """Run the current runtime's policy chain.
 
@@ -112,7 +117,7 @@ def _dispatch(state: GatewayState) -> Middleware:
         if resource is state.metrics_resource and active.runtime.config.auth.metrics_role is None:
             return await handler(request)
         request[ACTIVE_KEY] = active
-        return await active.chain(request)
+        return await active.chain(handler)(request)
 
     return dispatch
 

@@ -18,11 +18,11 @@ from prometheus_client import Gauge
 
 from sidegate.middlewares.contract import CALL_KEY, Call, Vendor
 from sidegate.middlewares.errors import SidegateError, UpstreamError
-from sidegate.middlewares.outbound import Outbound, outbound_scope
+from sidegate.middlewares.outbound import OUTBOUND, Outbound
 
 from .headers import downstream_headers, upstream_headers
 from .runtime import UpstreamTarget
-from .state import ACTIVE_KEY, STATE_KEY
+from .state import ACTIVE_KEY
 
 __all__ = ["forward_handler"]
 
@@ -36,30 +36,31 @@ async def forward_handler(request: web.Request) -> web.StreamResponse:
     call = request[CALL_KEY]
     active = request[ACTIVE_KEY]
     target = active.runtime.upstreams[call.route.upstream]
-    state = request.config_dict[STATE_KEY]
+    state = active.state
+    method = request.method
     headers = upstream_headers(
         request.headers, auth=target.auth, request_id=call.request_id, peer=request.remote
     )
     outbound = Outbound(
         upstream=target.name,
         generate_idempotency_key=(
-            active.runtime.config.retry.generate_idempotency_key
-            and target.vendor is Vendor.MEIVAN
-            and request.method in _MUTATING
+            target.vendor is Vendor.MEIVAN
+            and method in _MUTATING
+            and active.runtime.config.retry.generate_idempotency_key
         ),
     )
     started = time.perf_counter()
+    token = OUTBOUND.set(outbound)
     try:
-        with outbound_scope(outbound):
-            upstream = await state.session.request(
-                request.method,
-                target.url(call.route.upstream_path, request.rel_url.raw_query_string),
-                data=call.body or None,
-                headers=headers,
-                timeout=target.timeout,
-                allow_redirects=False,
-                middlewares=active.client_middlewares,
-            )
+        upstream = await state.session.request(
+            method,
+            target.url(call.route.upstream_path, request.rel_url.raw_query_string),
+            data=call.body or None,
+            headers=headers,
+            timeout=target.timeout,
+            allow_redirects=False,
+            middlewares=active.client_middlewares,
+        )
     except SidegateError as exc:
         exc.headers.update(outbound.response_headers())
         raise
@@ -68,30 +69,27 @@ async def forward_handler(request: web.Request) -> web.StreamResponse:
         error.headers.update(outbound.response_headers())
         raise error from None
     finally:
+        OUTBOUND.reset(token)
         call.attempts = outbound.attempts
         call.upstream_key_id = outbound.key_id or target.key_id
-    call.upstream_status = upstream.status
+    status = upstream.status
+    call.upstream_status = status
     call.upstream_latency_ms = (time.perf_counter() - started) * 1000.0
-    state.metrics.upstream_response(target.name, upstream.status)
-    sidegate_headers = outbound.response_headers()
+    state.metrics.upstream_response(target.name, status)
     try:
         if upstream.content_type == "text/event-stream":
-            return await _stream(
-                request, upstream, call, sidegate_headers, state.metrics.streams_in_flight
-            )
+            return await _stream(request, upstream, call, outbound, state.metrics.streams_in_flight)
         try:
             body = await upstream.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _upstream_failure(target, exc) from None
         call.bytes_out = len(body)
-        if upstream.status >= 400:
-            log.debug(
-                "upstream_error", upstream=target.name, status=upstream.status, body=body[:2048]
-            )
+        if status >= 400:
+            log.debug("upstream_error", upstream=target.name, status=status, body=body[:2048])
         response_headers = downstream_headers(upstream.headers)
-        response_headers.update(sidegate_headers)
+        response_headers.update(outbound.response_headers())
         return web.Response(
-            status=upstream.status, reason=upstream.reason, body=body, headers=response_headers
+            status=status, reason=upstream.reason, body=body, headers=response_headers
         )
     finally:
         upstream.release()
@@ -101,11 +99,11 @@ async def _stream(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     call: Call,
-    sidegate_headers: dict[str, str],
+    outbound: Outbound,
     gauge: Gauge,
 ) -> web.StreamResponse:
     headers = downstream_headers(upstream.headers)
-    headers.update(sidegate_headers)
+    headers.update(outbound.response_headers())
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     gauge.inc()
     try:

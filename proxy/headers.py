@@ -39,24 +39,6 @@ _REQUEST_DROP = HOP_BY_HOP | {
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
 
 
-def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
-    named: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        named.update(token.strip().lower() for token in value.split(","))
-    return named
-
-
-def _copy(headers: CIMultiDictProxy[str], drop: frozenset[str] | set[str]) -> CIMultiDict[str]:
-    extra = _connection_named(headers) if "Connection" in headers else ()
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in drop or lower in extra:
-            continue
-        out.add(name, value)
-    return out
-
-
 def upstream_headers(
     client: CIMultiDictProxy[str],
     *,
@@ -65,7 +47,13 @@ def upstream_headers(
     peer: str | None,
 ) -> CIMultiDict[str]:
     """The client's headers less hop-by-hop and credentials, plus sidegate's own."""
-    out = _copy(client, _REQUEST_DROP)
+    out: CIMultiDict[str] = CIMultiDict()
+    add = out.add
+    for name, value in client.items():  # a few headers, many names to drop: pick what stays
+        if name.lower() not in _REQUEST_DROP:
+            add(name, value)
+    if "Connection" in client:
+        _drop_connection_named(client, out)
     for name, value in auth:
         out[name] = value
     out["x-request-id"] = request_id
@@ -79,4 +67,17 @@ def upstream_headers(
 
 def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Headers for the client: the upstream's, less hop-by-hop and what sidegate recomputes."""
-    return _copy(upstream, _RESPONSE_DROP)
+    out = CIMultiDict(upstream)
+    popall = out.popall
+    for name in _RESPONSE_DROP:  # copy everything, then remove the few names that must go
+        popall(name, None)
+    if "Connection" in upstream:
+        _drop_connection_named(upstream, out)
+    return out
+
+
+def _drop_connection_named(headers: CIMultiDictProxy[str], out: CIMultiDict[str]) -> None:
+    """Remove from ``out`` every header the Connection header of ``headers`` names."""
+    for value in headers.getall("Connection", ()):
+        for token in value.split(","):
+            out.popall(token.strip().lower(), None)

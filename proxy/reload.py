@@ -8,13 +8,12 @@ problem and the running config stays.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
-from collections.abc import Sequence
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.client_middlewares import ClientMiddlewareType
+from aiohttp.typedefs import Middleware
 
 from sidegate.config import ConfigError, load_config
 from sidegate.config.models import SidegateConfig
@@ -36,23 +35,25 @@ from .routing import route_middleware
 from .runtime import Runtime, build_runtime
 from .state import STATE_KEY, Active, GatewayState, HeldCache
 
-__all__ = ["activate", "reload_config", "watch_config_file"]
+__all__ = [
+    "activate",
+    "client_middlewares",
+    "policy_middlewares",
+    "reload_config",
+    "watch_config_file",
+]
 
 log = structlog.get_logger(__name__)
 
 
-def _compose(middlewares: Sequence[Middleware], handler: Handler) -> Handler:
-    for middleware in reversed(middlewares):
-        handler = functools.partial(middleware, handler=handler)
-    return handler
+def policy_middlewares(runtime: Runtime, state: GatewayState) -> dict[str, Middleware]:
+    """The policies ``runtime``'s config needs, by name, outermost first.
 
-
-async def _route_handler(request: web.Request) -> web.StreamResponse:
-    return await request.match_info.handler(request)
-
-
-def build_chain(runtime: Runtime, state: GatewayState) -> Handler:
-    """The policy chain for one runtime, innermost the matched route's handler."""
+    A policy that can do nothing for any request under this config is left out: the embeddings
+    cache when none is configured; limits when no team or key has a budget or rate limit and no
+    model has a price (it would pass every request straight through, and the ledger it writes
+    needs a price).
+    """
     pools = state.key_pools
 
     def upstream_pool(request: web.Request) -> KeyPool | None:
@@ -60,26 +61,49 @@ def build_chain(runtime: Runtime, state: GatewayState) -> Handler:
         return pools.get(call.route.upstream) if call is not None else None
 
     cache = runtime.config.cache.embeddings
-    middlewares = [
-        auth_middleware(api_keys=runtime.api_keys, jwt=runtime.jwt, teams=runtime.team_models),
-        route_middleware(
+    limits = runtime.limits
+    middlewares: dict[str, Middleware] = {
+        "auth": auth_middleware(
+            api_keys=runtime.api_keys, jwt=runtime.jwt, teams=runtime.team_models
+        ),
+        "routing": route_middleware(
             runtime, state.endpoints, max_body_bytes=runtime.config.server.max_body_bytes
         ),
-    ]
+    }
     if cache is not None and state.vector_cache is not None:
         # Before limits: a hit is neither reserved nor charged; a partial hit only for its misses.
-        middlewares.append(
-            embeddings_cache_middleware(cache, state.vector_cache.cache, observer=state.metrics)
+        middlewares["embeddings_cache"] = embeddings_cache_middleware(
+            cache, state.vector_cache.cache, observer=state.metrics
         )
-    middlewares += [
-        limits_middleware(runtime.limits, state.stores, pending=state.pending_commits),
-        ratelimit_headers_middleware(
-            runtime.config.rate_limit_headers.mode,
-            team_limits=lambda request: request.get(TEAM_LIMITS_KEY),
-            pools=upstream_pool,
-        ),
-    ]
-    return _compose(middlewares, _route_handler)
+    if limits.teams or limits.keys or limits.prices:
+        middlewares["limits"] = limits_middleware(
+            limits, state.stores, pending=state.pending_commits
+        )
+    middlewares["ratelimit_headers"] = ratelimit_headers_middleware(
+        runtime.config.rate_limit_headers.mode,
+        team_limits=lambda request: request.get(TEAM_LIMITS_KEY),
+        pools=upstream_pool,
+        on_prepare=True,  # the app's prepare hook applies them
+    )
+    return middlewares
+
+
+def client_middlewares(
+    config: SidegateConfig, state: GatewayState
+) -> dict[str, ClientMiddlewareType]:
+    """The upstream session's middlewares for ``config``, by name, outermost first.
+
+    Retry is always there (it also validates and generates Idempotency-Keys and counts attempts,
+    even with ``max_attempts: 1``); key rotation only when some upstream has keys to rotate.
+    """
+    retry = config.retry
+    budget = state.retry_budget
+    if budget is None or (budget.ratio, budget.minimum) != (retry.budget_ratio, retry.budget_min):
+        budget = state.retry_budget = RetryBudget(retry.budget_ratio, retry.budget_min)
+    middlewares = {"retry": retry_middleware(retry, budget=budget, observer=state.metrics)}
+    if any(upstream.keys for upstream in config.upstreams.values()):
+        middlewares["key_rotation"] = key_rotation_middleware(state.key_pools.resolve)
+    return middlewares
 
 
 async def activate(app: web.Application, config: SidegateConfig) -> None:
@@ -93,15 +117,11 @@ async def activate(app: web.Application, config: SidegateConfig) -> None:
     runtime = build_runtime(config, state.mock_urls, jwt=_verifier(state, config))
     await _vector_cache(state, config)
     state.key_pools.rebuild(_pool_specs(config))
-    retry = config.retry
-    budget = state.retry_budget
-    if budget is None or (budget.ratio, budget.minimum) != (retry.budget_ratio, retry.budget_min):
-        budget = state.retry_budget = RetryBudget(retry.budget_ratio, retry.budget_min)
-    client_middlewares = (
-        retry_middleware(retry, budget=budget, observer=state.metrics),
-        key_rotation_middleware(state.key_pools.resolve),
+    policies = policy_middlewares(runtime, state)
+    client = client_middlewares(config, state)
+    state.active = Active(
+        runtime, tuple(policies.values()), tuple(client.values()), state, names=(*policies, *client)
     )
-    state.active = Active(runtime, build_chain(runtime, state), client_middlewares)
 
 
 async def _vector_cache(state: GatewayState, config: SidegateConfig) -> None:
@@ -134,6 +154,9 @@ async def _nothing() -> None:
 
 
 def _pool_specs(config: SidegateConfig) -> dict[str, PoolSpec]:
+    """The key pools; each keeps its keys' rate-limit readings only if something reads them
+    (``least_limited``, or ``team`` rate-limit headers, whose fallback sums them)."""
+    team_headers = config.rate_limit_headers.mode == "team"
     return {
         name: PoolSpec(
             [KeySpec(k.id, k.secret.get_secret_value(), k.weight, k.not_after) for k in up.keys],
@@ -141,6 +164,7 @@ def _pool_specs(config: SidegateConfig) -> dict[str, PoolSpec]:
             header=up.auth_header,
             scheme=up.auth_scheme,
             expiry_warning_days=up.key_expiry_warning_days,
+            readings=team_headers or up.key_strategy == "least_limited",
         )
         for name, up in config.upstreams.items()
         if up.keys

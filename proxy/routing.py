@@ -60,12 +60,20 @@ def route_middleware(
     without the admin role (403 ``admin_required``), no Principal at all (401).
     """
 
+    safe_paths: dict[str, str] = {}  # raw paths seen to pass normalise_path, and the result
+    routes: dict[tuple[str, str], Route] = {}  # by endpoint path and public model
+
     @web.middleware
     async def routing(request: web.Request, handler: Handler) -> web.StreamResponse:
         endpoint = endpoints.get(request.match_info.route)
         if endpoint is None:
             return await handler(request)
-        path = normalise_path(request.raw_path)
+        raw_path = request.raw_path
+        path = safe_paths.get(raw_path)
+        if path is None:
+            path = normalise_path(raw_path)
+            if len(safe_paths) < _REMEMBERED_PATHS:
+                safe_paths[raw_path] = path
         principal = request.get(PRINCIPAL_KEY)
         if principal is None:
             raise Unauthorized("No API key was provided.")
@@ -75,7 +83,9 @@ def route_middleware(
                 raise Forbidden("/upstreams/... needs the admin role.", code="admin_required")
             call = await _passthrough(request, runtime, path, request_id, max_body_bytes)
         else:
-            call = await _routed(request, runtime, endpoint, request_id, max_body_bytes)
+            content_type = _media_type(request, endpoint)
+            body = await read_body(request, max_body_bytes)
+            call = _routed(runtime, endpoint, request_id, body, content_type, routes)
             route = call.route
             assert route.public_model is not None
             if not principal.may_use(route.public_model, route.upstream_model):
@@ -89,6 +99,9 @@ def route_middleware(
         return await handler(request)
 
     return routing
+
+
+_REMEMBERED_PATHS = 256
 
 
 async def _passthrough(
@@ -110,16 +123,24 @@ async def _passthrough(
     return Call(request_id, route, body, request.headers.get("Content-Type", ""))
 
 
-async def _routed(
-    request: web.Request, runtime: Runtime, endpoint: Endpoint, request_id: str, limit: int
-) -> Call:
-    content_type = request.headers.get("Content-Type", "")
+def _media_type(request: web.Request, endpoint: Endpoint) -> str:
+    """The request's Content-Type header, once it is known to be what ``endpoint`` takes (415)."""
     expected = "application/json" if endpoint.body == "json" else "multipart/form-data"
     if request.content_type != expected:
         raise UnsupportedMediaType(
             f"{endpoint.path} takes {expected}, not {request.content_type or 'an empty type'}."
         )
-    body = await read_body(request, limit)
+    return request.headers.get("Content-Type", "")
+
+
+def _routed(
+    runtime: Runtime,
+    endpoint: Endpoint,
+    request_id: str,
+    body: bytes,
+    content_type: str,
+    routes: dict[tuple[str, str], Route],
+) -> Call:
     payload: dict[str, Any] | None = None
     if endpoint.body == "json":
         payload = parse_object(body)
@@ -136,21 +157,23 @@ async def _routed(
         target = _resolve(runtime, name, "model", endpoint)
         if target.public != target.upstream_model:
             body = splice(body, span, target.upstream_model.encode())
-    upstream = target.upstream
-    route = Route(
-        upstream.name,
-        upstream.vendor,
-        endpoint.kind,
-        endpoint.path,
-        target.public,
-        target.upstream_model,
-    )
+    route = routes.get((endpoint.path, target.public))
+    if route is None:  # one per endpoint and model of this config: remembered
+        upstream = target.upstream
+        route = routes[(endpoint.path, target.public)] = Route(
+            upstream.name,
+            upstream.vendor,
+            endpoint.kind,
+            endpoint.path,
+            target.public,
+            target.upstream_model,
+        )
     stream = payload is not None and payload.get("stream") is True
     return Call(request_id, route, body, content_type, stream=stream, _json=payload)
 
 
 def _json_model(payload: Mapping[str, Any], endpoint: Endpoint) -> tuple[str, str]:
-    fields = [MODEL_FIELD[vendor] for vendor in _FIELDS_FOR[endpoint.vendors]]
+    fields = _FIELDS_FOR[endpoint.vendors]
     present = [field for field in fields if field in payload]
     if not present:
         raise BadRequest(f"The field '{fields[0]}' is required.", param=fields[0])
@@ -165,9 +188,12 @@ def _json_model(payload: Mapping[str, Any], endpoint: Endpoint) -> tuple[str, st
 
 
 _FIELDS_FOR = {
-    frozenset({Vendor.MERIDIAN}): (Vendor.MERIDIAN,),
-    frozenset({Vendor.MEIVAN}): (Vendor.MEIVAN,),
-    frozenset({Vendor.MERIDIAN, Vendor.MEIVAN}): (Vendor.MERIDIAN, Vendor.MEIVAN),
+    frozenset({Vendor.MERIDIAN}): (MODEL_FIELD[Vendor.MERIDIAN],),
+    frozenset({Vendor.MEIVAN}): (MODEL_FIELD[Vendor.MEIVAN],),
+    frozenset({Vendor.MERIDIAN, Vendor.MEIVAN}): (
+        MODEL_FIELD[Vendor.MERIDIAN],
+        MODEL_FIELD[Vendor.MEIVAN],
+    ),
 }
 
 

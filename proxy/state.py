@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 from aiohttp.client_middlewares import ClientMiddlewareType
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_urldispatcher import AbstractResource, AbstractRoute
 
 from sidegate.config.auth import JwtConfig
@@ -32,11 +33,30 @@ __all__ = ["ACTIVE_KEY", "STATE_KEY", "Active", "GatewayState"]
 
 @dataclass(frozen=True, slots=True)
 class Active:
-    """A runtime, the policy chain and the upstream client middlewares built for it."""
+    """A runtime, the policies and the upstream client middlewares built for it, and the
+    gateway they run in."""
 
     runtime: Runtime
-    chain: Handler
-    client_middlewares: tuple[ClientMiddlewareType, ...] = ()
+    policies: tuple[Middleware, ...]
+    client_middlewares: tuple[ClientMiddlewareType, ...]
+    state: GatewayState
+    names: tuple[str, ...] = ()
+    """The policies then the client middlewares, outermost first (for tests and diagnostics)."""
+    _chains: dict[Handler, Handler] = field(default_factory=dict)
+
+    def chain(self, handler: Handler) -> Handler:
+        """The policies around ``handler`` (a route's handler), composed on its first request."""
+        chain = self._chains.get(handler)
+        if chain is None:
+            chain = handler
+            for policy in reversed(self.policies):
+                chain = functools.partial(policy, handler=chain)
+            if len(self._chains) < _REMEMBERED_CHAINS:  # one per route handler
+                self._chains[handler] = chain
+        return chain
+
+
+_REMEMBERED_CHAINS = 64
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from sidegate.middlewares.keys import (
     key_rotation_middleware,
 )
 from sidegate.middlewares.outbound import Outbound, outbound_scope
+from sidegate.middlewares.ratelimits import RateLimits
 from sidegate.proxy.mock import Fault
 from tests.conftest import Upstream
 from tests.middlewares.test_outbound_support import CHAT, FakeClock, pool, session
@@ -84,6 +85,44 @@ def test_a_pick_counts_against_the_remaining_estimate(clock: FakeClock) -> None:
     keys.observe(b, 200, readings(2, limit=10))
 
     assert picks(keys, 5) == ["a", "a", "a", "b", "a"]
+
+
+def test_without_readings_a_pool_still_cools_down_and_quarantines(clock: FakeClock) -> None:
+    keys = KeyPool(PoolSpec([KeySpec("a", "sa"), KeySpec("b", "sb")], readings=False), clock=clock)
+    a, b = keys.keys
+    keys.observe(a, 200, readings(5, limit=10))
+    assert keys.acquire() is a  # round robin as ever; nothing read, nothing counted
+    assert [status.limits for status in keys.snapshot()] == [RateLimits(), RateLimits()]
+    assert keys.aggregate() is None
+
+    keys.observe(b, 429, readings(0, limit=10), 30)
+    keys.observe(a, 401, {})
+    state = {status.id: (status.state, status.until) for status in keys.snapshot()}
+    assert state == {"a": ("quarantined", None), "b": ("cooling", clock.now + 30)}
+    with pytest.raises(KeysCoolingDown):
+        keys.acquire()
+
+
+def test_least_limited_keeps_readings_whatever_the_spec_says(clock: FakeClock) -> None:
+    spec = PoolSpec([KeySpec("a", "sa"), KeySpec("b", "sb")], "least_limited", readings=False)
+    keys = KeyPool(spec, clock=clock)
+    a, b = keys.keys
+    keys.observe(a, 200, readings(1, limit=10))
+    assert keys.acquire() is b
+    assert keys.snapshot()[0].limits.remaining_requests == 1
+
+
+def test_a_rebuild_without_readings_forgets_them(clock: FakeClock) -> None:
+    keys = pool("a", clock=clock)
+    keys.observe(keys.keys[0], 200, readings(5))
+    assert keys.aggregate() is not None
+    keys.rebuild(PoolSpec([KeySpec("a", "secret-a")], readings=False))
+    assert keys.aggregate() is None
+    keys.rebuild(PoolSpec([KeySpec("a", "secret-a")]))
+    keys.observe(keys.keys[0], 200, readings(7))
+    aggregate = keys.aggregate()
+    assert aggregate is not None
+    assert aggregate.remaining_requests == 7
 
 
 def test_expired_keys_are_skipped_and_expiring_ones_warned_once(clock: FakeClock) -> None:

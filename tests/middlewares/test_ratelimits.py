@@ -121,6 +121,37 @@ def test_parse_ratelimits_and_headers() -> None:
     assert parse_ratelimits({"content-type": "x"}, NOW) is None
 
 
+@pytest.mark.parametrize(
+    ("value", "count"),
+    [
+        ("42", 42),
+        (" 42 ", 42),  # not the digits-only fast path: stripped as before
+        ("42.9", 42),
+        ("\uff14\uff12", 42),  # fullwidth digits are digits to float() and to the pattern
+        ("\u00b2", None),  # a superscript isdigit() but is not a number
+        ("1" * 20, int(float("1" * 20))),  # as a float: what the general path always gave
+        ("9" * 400, None),  # not finite
+        ("", None),
+        ("-1", None),
+    ],
+)
+def test_counts_parse_the_same_on_the_fast_and_the_general_path(
+    value: str, count: int | None
+) -> None:
+    limits = parse_ratelimits({"x-ratelimit-limit-requests": value}, NOW)
+    assert (limits.limit_requests if limits is not None else None) == count
+
+
+def test_merged_keeps_what_the_newer_reading_does_not_know() -> None:
+    old = RateLimits(1, 2, 3.0, 4, 5, 6.0)
+    assert old.merged(RateLimits()) == old
+    assert old.merged(RateLimits(remaining_requests=0, reset_tokens=9.0)) == RateLimits(
+        1, 0, 3.0, 4, 5, 9.0
+    )
+    newer = RateLimits(10, 20, 30.0, 40, 50, 60.0)
+    assert old.merged(newer) == newer
+
+
 UPSTREAM_HEADERS = {
     "x-ratelimit-limit-requests": "100",
     "x-ratelimit-remaining-requests": "42",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -418,3 +419,18 @@ def test_keys_new_prints_a_key_once_and_the_config_line_with_its_hash(tmp_path: 
     entry = yaml.safe_load(out[-1].strip())[0]
     assert entry["hash"] == hash_key(out[0].removeprefix("key: "), b"pepper-0123456789abcdef")
     assert entry["id"].startswith("t-")
+
+
+async def test_serve_keeps_the_collector_off_start_up_objects_and_requests_in_flight() -> None:
+    from aiohttp import web
+
+    from sidegate.proxy.cli import _freeze_startup_objects
+
+    threshold = gc.get_threshold()
+    try:
+        await _freeze_startup_objects(web.Application())
+        assert gc.get_freeze_count() > 0  # start-up's objects: no full collection walks them
+        assert gc.get_threshold() == (10_000, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

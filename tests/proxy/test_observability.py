@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import re
+from collections.abc import Iterator
 from typing import Any
 
+import orjson
+import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from structlog.testing import capture_logs
 
+from sidegate.proxy.logs import configure_logging
 from sidegate.proxy.mock import Fault
+from sidegate.proxy.observability import LATENCY_BUCKETS, Metrics
 from tests.conftest import ADMIN_KEY, MERIDIAN_SECRET, Upstream
 
 Client = TestClient[web.Request, web.Application]
@@ -95,3 +105,79 @@ async def test_the_access_line_carries_usage_and_cost_when_the_model_is_priced(
     # $1 and $2 per 1M tokens are 1,000 and 2,000 nano-USD per token: no rounding involved.
     expected = usage["prompt_tokens"] * 1000 + usage["completion_tokens"] * 2000
     assert line["cost_nano_usd"] == expected
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    buffer = io.StringIO()
+    yield buffer
+    structlog.reset_defaults()
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
+async def test_below_info_no_access_line_is_built_and_metrics_still_count(
+    gateway: Client, log_output: io.StringIO
+) -> None:
+    configure_logging("warning", "json", stream=log_output, cache=False)
+    assert (await gateway.post("/v1/chat/completions", json=CHAT)).status == 200
+    assert log_output.getvalue() == ""
+    text = await (await gateway.get("/metrics")).text()
+    assert 'sidegate_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in text
+
+    configure_logging("info", "json", stream=log_output, cache=False)
+    response = await gateway.post("/v1/chat/completions", json=CHAT)
+    lines = [orjson.loads(line) for line in log_output.getvalue().splitlines()]
+    (line,) = [line for line in lines if line["event"] == "request"]
+    assert (line["status"], line["request_id"]) == (200, response.headers["x-request-id"])
+
+
+def test_the_metrics_read_as_prometheus_client_would_write_them() -> None:
+    """The per-request metrics are plain numbers until scraped; the exposition is the one
+    prometheus_client's Counter and Histogram give for the same observations."""
+    observed = [
+        ("/v1/chat/completions", 200, 0.003),
+        ("/v1/chat/completions", 200, 0.025),  # on a bucket bound
+        ("/v1/models", 404, 0.0001),
+        ("/v1/chat/completions", 503, 61.0),  # past the last bound
+        ("/v1/chat/completions", 200, 0.0),
+    ]
+    upstream = [("meridian", 200), ("meivan", 503), ("meridian", 200)]
+    metrics = Metrics()
+    registry = CollectorRegistry(auto_describe=True)
+    requests = Counter(
+        "sidegate_requests",
+        "Requests answered by sidegate, by endpoint and status.",
+        ["endpoint", "status"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "sidegate_request_duration_seconds",
+        "Time from request to the end of the response, by endpoint.",
+        ["endpoint"],
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+    responses = Counter(
+        "sidegate_upstream_responses",
+        "Responses received from upstreams, by upstream and status.",
+        ["upstream", "status"],
+        registry=registry,
+    )
+    for endpoint, status, seconds in observed:
+        metrics.record(endpoint, status, seconds)
+        requests.labels(endpoint, str(status)).inc()
+        latency.labels(endpoint).observe(seconds)
+    for name, status in upstream:
+        metrics.upstream_response(name, status)
+        responses.labels(name, str(status)).inc()
+
+    def timeless(text: str) -> str:
+        return re.sub(r"(_created\{[^}]*\}) \S+", r"\1 <time>", text)
+
+    ours = timeless(metrics.render().decode())
+    theirs = timeless(generate_latest(registry).decode())
+    assert ours.startswith(theirs)
+    assert "sidegate_streams_in_flight" in ours[len(theirs) :]
