@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -106,12 +107,27 @@ class SqliteDatabase:
     def _connect(self) -> None:
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
         self._conn = conn
-        conn.execute("PRAGMA journal_mode=WAL")
+        self._enter_wal(conn)
         conn.execute("PRAGMA synchronous=FULL")
         try:
             conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
         finally:
             _rollback(conn)
+
+    def _enter_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL. Two processes creating the file at once can get "database is
+        locked" here without the busy timeout being applied, so that is retried until it runs
+        out."""
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)  # on the store's worker thread, before any request
 
     async def _run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
