@@ -1,8 +1,8 @@
 """The floor: a minimal aiohttp reverse proxy, what any gateway costs at the least.
 
-One ``ClientSession``, with sidegate's default connect, read and total timeouts (a proxy without a read
-timeout would be no fair floor: aiohttp re-arms that timer on every chunk); every request is
-forwarded with its method, path, query, body and headers
+One ``ClientSession``, with sidegate's default connect, read and total timeouts (a proxy
+without a read timeout would be no fair floor: aiohttp re-arms that timer on every chunk); every
+request is forwarded with its method, path, query, body and headers
 (less hop-by-hop ones) and the answer is streamed back as it arrives. No auth, no routing, no log.
 
 ``python -m bench.passthrough --port 9301 --upstream http://127.0.0.1:9300``
@@ -49,7 +49,7 @@ def make_app(upstream: str) -> web.Application:
 
     async def session(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=1024)
-X
+        timeout = aiohttp.ClientTimeout(total=600, sock_connect=10, sock_read=120)  # sidegate's
         async with aiohttp.ClientSession(
             connector=connector, auto_decompress=False, timeout=timeout
         ) as client:
