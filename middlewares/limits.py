@@ -99,6 +99,13 @@ class LimitsSettings:
     default_max_output_tokens: int | None = 4096
     reservation_ttl_s: int = 900
 
+    @property
+    def enforces_anything(self) -> bool:
+        """Whether the policy can do anything: a team or key has a budget or a rate limit, or a
+        model has a price (then every request goes to the ledger). Without, the chain leaves the
+        policy out."""
+        return bool(self.teams or self.keys or self.prices)
+
 
 class QuotaExceeded(SidegateError):
     status = 429

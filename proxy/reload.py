@@ -75,7 +75,7 @@ def policy_middlewares(runtime: Runtime, state: GatewayState) -> dict[str, Middl
         middlewares["embeddings_cache"] = embeddings_cache_middleware(
             cache, state.vector_cache.cache, observer=state.metrics
         )
-    if limits.teams or limits.keys or limits.prices:
+    if limits.enforces_anything:
         middlewares["limits"] = limits_middleware(
             limits, state.stores, pending=state.pending_commits
         )
