@@ -259,7 +259,7 @@ def verdicts(results: Results) -> list[list[str]]:
             "cached 16×1536 embeddings CPU < forwarded",
             "—",
             "< forwarding",
-            "not measured: the embeddings cache has not landed",
+            "measured apart: python -m bench.embeddings_cache",
         ]
     )
     return out
