@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
 
+from .admission import decide
 from .ledger import aggregate_entries
 from .types import (
     COMMIT_RETENTION_S,
@@ -33,6 +34,14 @@ __all__ = ["MemoryBudgets", "MemoryLedger", "MemoryMeter", "MemoryRates", "Memor
 
 Clock = Callable[[], float]
 _Budget = tuple[Scope, str]
+
+
+def _no_window(hit: WindowHit, index: int) -> int:
+    raise AssertionError("a reservation has no rate window")
+
+
+def _none(hold: BudgetHold) -> tuple[int, int, bool]:
+    raise AssertionError("a rate-window hit has no budget")
 
 
 class MemoryLedger:
@@ -69,6 +78,9 @@ class MemoryBudgets:
         self._held: dict[_Budget, dict[str, tuple[int, float]]] = {}
         self._done: OrderedDict[tuple[Scope, str], float] = OrderedDict()
 
+    def now(self) -> float:
+        return self._clock()
+
     def _live(self, budget: _Budget) -> dict[str, tuple[int, float]]:
         now = self._clock()
         held = self._held.setdefault(budget, {})
@@ -85,33 +97,29 @@ class MemoryBudgets:
         reservation_id: str,
         ttl_s: float,
     ) -> Reservation:
-        nonnegative(limit_nano=limit_nano, amount_nano=amount_nano, ttl_s=ttl_s)
-        answer = self.decide(scope, period, limit_nano, amount_nano, reservation_id)
-        if answer.admitted:
-            self.hold(scope, period, amount_nano, reservation_id, ttl_s)
-        return answer
+        nonnegative(ttl_s=ttl_s)
+        hold = BudgetHold(scope, period, limit_nano, amount_nano)
+        decided = decide((), (hold,), self._clock(), _no_window, self.state(reservation_id))
+        self.hold(decided.holds, reservation_id, ttl_s)
+        return decided.admission.reservations[0]
 
-    def decide(
-        self, scope: Scope, period: str, limit_nano: int, amount_nano: int, reservation_id: str
-    ) -> Reservation:
-        """What :meth:`reserve` would answer, without reserving."""
-        held = self._live((scope, period))
-        spent = self._spent.get((scope, period), 0)
-        reserved = sum(amount for amount, _ in held.values())
-        amount = max(1, amount_nano)
-        if reservation_id in held:
-            return Reservation(True, spent, reserved, limit_nano)
-        if spent + reserved + amount > limit_nano:
-            return Reservation(False, spent, reserved, limit_nano)
-        return Reservation(True, spent, reserved + amount, limit_nano)
+    def state(self, reservation_id: str) -> Callable[[BudgetHold], tuple[int, int, bool]]:
+        """For :func:`~.admission.decide`: a budget's spend, live reservations, and whether
+        ``reservation_id`` is one of them."""
 
-    def hold(
-        self, scope: Scope, period: str, amount_nano: int, reservation_id: str, ttl_s: float
-    ) -> None:
-        """Reserve what :meth:`decide` admitted (an id already live keeps its reservation)."""
-        held = self._held.setdefault((scope, period), {})
-        if reservation_id not in held:
-            held[reservation_id] = (max(1, amount_nano), self._clock() + ttl_s)
+        def of(hold: BudgetHold) -> tuple[int, int, bool]:
+            held = self._live((hold.scope, hold.period))
+            spent = self._spent.get((hold.scope, hold.period), 0)
+            return spent, sum(amount for amount, _ in held.values()), reservation_id in held
+
+        return of
+
+    def hold(self, holds: tuple[BudgetHold, ...], reservation_id: str, ttl_s: float) -> None:
+        """Reserve what :func:`~.admission.decide` admitted."""
+        expires = self._clock() + ttl_s
+        for hold in holds:
+            held = self._held.setdefault((hold.scope, hold.period), {})
+            held[reservation_id] = (max(1, hold.amount_nano), expires)
 
     async def commit(
         self,
@@ -144,10 +152,6 @@ class MemoryBudgets:
         self._held.get((scope, period), {}).pop(reservation_id, None)
         self._spent[scope, period] = self._spent.get((scope, period), 0) + actual_nano
 
-    def held(self, scope: Scope, period: str) -> dict[str, tuple[int, float]]:
-        """The budget's reservations by id: (amount, expires_at), expired ones included."""
-        return self._held.setdefault((scope, period), {})
-
     async def release(self, scope: Scope, period: str, reservation_id: str) -> bool:
         return self._live((scope, period)).pop(reservation_id, None) is not None
 
@@ -175,35 +179,15 @@ class MemoryRates:
         window_s: int = 60,
         now: float | None = None,
     ) -> RateDecision:
-        nonnegative(limit=limit, amount=amount)
-        decision = self.decide(scope, name, limit, amount, window_s, now)
-        self.count(scope, name, window_s, decision)
-        return decision
+        hit = WindowHit(scope, name, limit, amount, window_s)
+        decided = decide((hit,), (), self._clock() if now is None else now, self.count_of, _none)
+        self.counts.update(decided.counts)
+        return decided.admission.windows[0]
 
-    def decide(
-        self,
-        scope: Scope,
-        name: str,
-        limit: int,
-        amount: int,
-        window_s: int,
-        now: float | None = None,
-    ) -> RateDecision:
-        """What :meth:`hit` would answer, without counting."""
-        index = window_index(self._clock() if now is None else now, window_s)
-        window, count = self.counts.get((scope, name, window_s), (index, 0))
-        count = count if window == index else 0
-        allowed = count + amount <= limit
-        start = float(index * window_s)
-        return RateDecision(
-            allowed, count + amount if allowed else count, limit, start, start + window_s
-        )
-
-    def count(self, scope: Scope, name: str, window_s: int, decision: RateDecision) -> None:
-        """Record an allowed ``decision`` of :meth:`decide` as the window's count."""
-        if decision.allowed:
-            index = window_index(decision.window_start, window_s)
-            self.counts[scope, name, window_s] = (index, decision.count)
+    def count_of(self, hit: WindowHit, index: int) -> int:
+        """For :func:`~.admission.decide`: the count of the hit's window number ``index``."""
+        window, count = self.counts.get((hit.scope, hit.name, hit.window_s), (index, 0))
+        return count if window == index else 0
 
     async def adjust(
         self, scope: Scope, name: str, delta: int, *, window_start: float, window_s: int = 60
@@ -231,38 +215,11 @@ class MemoryMeter:
     ) -> Admission:
         nonnegative(ttl_s=ttl_s)
         rates, budgets = self._rates, self._budgets
-        counts, holds_before = (
-            dict(rates.counts),
-            {
-                (hold.scope, hold.period): dict(budgets.held(hold.scope, hold.period))
-                for hold in holds
-            },
-        )
-        windows: list[RateDecision] = []
-        reservations: list[Reservation] = []
-        admitted = True
-        for hit in hits:
-            decision = rates.decide(hit.scope, hit.name, hit.limit, hit.amount, hit.window_s)
-            windows.append(decision)
-            admitted = decision.allowed
-            if not admitted:
-                break
-            rates.count(hit.scope, hit.name, hit.window_s, decision)
-        for hold in holds if admitted else ():
-            answer = budgets.decide(
-                hold.scope, hold.period, hold.limit_nano, hold.amount_nano, reservation_id
-            )
-            reservations.append(answer)
-            admitted = answer.admitted
-            if not admitted:
-                break
-            budgets.hold(hold.scope, hold.period, hold.amount_nano, reservation_id, ttl_s)
-        if not admitted:  # as if nothing happened
-            rates.counts = counts
-            for budget, held in holds_before.items():
-                budgets.held(*budget).clear()
-                budgets.held(*budget).update(held)
-        return Admission(admitted, tuple(windows), tuple(reservations))
+        now = budgets.now()
+        decided = decide(hits, holds, now, rates.count_of, budgets.state(reservation_id))
+        rates.counts.update(decided.counts)
+        budgets.hold(decided.holds, reservation_id, ttl_s)
+        return decided.admission
 
     async def settle(self, settlement: Settlement) -> bool:
         budgets, rid = self._budgets, settlement.reservation_id

@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 
+from .admission import decide
 from .sqlite_db import SqliteDatabase
 from .sqlite_ledger import SqliteLedger, append_entry
 from .types import (
@@ -56,24 +57,6 @@ def _budget(
         (*where, now, reservation_id),
     ).fetchone()
     return int(row[0] or 0), int(row[1]), bool(row[2])
-
-
-def _decide_hold(
-    conn: sqlite3.Connection,
-    scope: Scope,
-    period: str,
-    limit_nano: int,
-    amount: int,
-    reservation_id: str,
-    now: float,
-) -> Reservation:
-    """What a reservation of ``amount`` (at least 1) would answer."""
-    spent, reserved, live = _budget(conn, scope, period, reservation_id, now)
-    if live:
-        return Reservation(True, spent, reserved, limit_nano)
-    if spent + reserved + amount > limit_nano:
-        return Reservation(False, spent, reserved, limit_nano)
-    return Reservation(True, spent, reserved + amount, limit_nano)
 
 
 def _hold(
@@ -167,45 +150,29 @@ def _admit(
     now: float,
     ttl_s: float,
 ) -> Admission:
-    """Decide every hit and hold (a repeated window or budget sees the ones before it), then
-    write them all — or nothing, on the first refusal."""
-    counted: dict[tuple[Scope, str, int], RateDecision] = {}
-    windows: list[RateDecision] = []
-    for hit in hits:
-        window = (hit.scope, hit.name, hit.window_s)
-        before = counted.get(window)
-        if before is None:
-            decision = _decide_hit(
-                conn, hit.scope, hit.name, hit.limit, hit.amount, hit.window_s, now
-            )
-        else:
-            allowed = before.count + hit.amount <= hit.limit
-            count = before.count + hit.amount if allowed else before.count
-            decision = RateDecision(allowed, count, hit.limit, before.window_start, before.reset_at)
-        windows.append(decision)
-        if not decision.allowed:
-            return Admission(False, tuple(windows), ())
-        counted[window] = decision
-    held: dict[tuple[Scope, str], tuple[int, Reservation]] = {}
-    reservations: list[Reservation] = []
-    for hold in holds:
-        budget, amount = (hold.scope, hold.period), max(1, hold.amount_nano)
-        if budget in held:  # the same id is live in it now
-            prior = held[budget][1]
-            answer = Reservation(True, prior.spent, prior.reserved, hold.limit_nano)
-        else:
-            answer = _decide_hold(
-                conn, hold.scope, hold.period, hold.limit_nano, amount, reservation_id, now
-            )
-        reservations.append(answer)
-        if not answer.admitted:
-            return Admission(False, tuple(windows), tuple(reservations))
-        held.setdefault(budget, (amount, answer))
-    for (scope, name, window_s), decision in counted.items():
-        _count(conn, scope, name, window_s, decision)
-    for (scope, period), (amount, _) in held.items():
-        _hold(conn, scope, period, amount, reservation_id, now + ttl_s)
-    return Admission(True, tuple(windows), tuple(reservations))
+    """:func:`~.admission.decide` on what the transaction reads, then its writes."""
+
+    def count_of(hit: WindowHit, index: int) -> int:
+        row = conn.execute(
+            "SELECT window, count FROM rate_windows"
+            " WHERE team = ? AND key = ? AND name = ? AND window_s = ?",
+            (*_key(hit.scope), hit.name, hit.window_s),
+        ).fetchone()
+        return int(row[1]) if row is not None and row[0] == index else 0
+
+    def budget_of(hold: BudgetHold) -> tuple[int, int, bool]:
+        return _budget(conn, hold.scope, hold.period, reservation_id, now)
+
+    decided = decide(hits, holds, now, count_of, budget_of)
+    for (scope, name, window_s), (index, count) in decided.counts.items():
+        conn.execute(
+            "INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
+            (*_key(scope), name, window_s, index, count),
+        )
+    for hold in decided.holds:
+        amount = max(1, hold.amount_nano)
+        _hold(conn, hold.scope, hold.period, amount, reservation_id, now + ttl_s)
+    return decided.admission
 
 
 def _release(
@@ -217,46 +184,6 @@ def _release(
         (*_key(scope), period, reservation_id, now),
     )
     return gone.rowcount > 0
-
-
-def _decide_hit(
-    conn: sqlite3.Connection,
-    scope: Scope,
-    name: str,
-    limit: int,
-    amount: int,
-    window_s: int,
-    now: float,
-) -> RateDecision:
-    """What a hit of ``amount`` on the window containing ``now`` would answer."""
-    index = window_index(now, window_s)
-    row = conn.execute(
-        "SELECT window, count FROM rate_windows"
-        " WHERE team = ? AND key = ? AND name = ? AND window_s = ?",
-        (*_key(scope), name, window_s),
-    ).fetchone()
-    count = int(row[1]) if row is not None and row[0] == index else 0
-    allowed = count + amount <= limit
-    start = float(index * window_s)
-    return RateDecision(
-        allowed, count + amount if allowed else count, limit, start, start + window_s
-    )
-
-
-def _count(
-    conn: sqlite3.Connection, scope: Scope, name: str, window_s: int, decision: RateDecision
-) -> None:
-    """Store an allowed decision's count as its window's."""
-    conn.execute(
-        "INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
-        (
-            *_key(scope),
-            name,
-            window_s,
-            window_index(decision.window_start, window_s),
-            decision.count,
-        ),
-    )
 
 
 def _adjust(conn: sqlite3.Connection, change: WindowAdjustment) -> None:
@@ -294,17 +221,14 @@ class SqliteBudgets:
         reservation_id: str,
         ttl_s: float,
     ) -> Reservation:
-        nonnegative(limit_nano=limit_nano, amount_nano=amount_nano, ttl_s=ttl_s)
-        amount, now = max(1, amount_nano), self._clock()
+        nonnegative(ttl_s=ttl_s)
+        hold, now = BudgetHold(scope, period, limit_nano, amount_nano), self._clock()
         sweep = self._sweeper.due(now)
 
         def run(conn: sqlite3.Connection) -> Reservation:
             if sweep:
                 _sweep(conn, now)
-            answer = _decide_hold(conn, scope, period, limit_nano, amount, reservation_id, now)
-            if answer.admitted:
-                _hold(conn, scope, period, amount, reservation_id, now + ttl_s)
-            return answer
+            return _admit(conn, (), (hold,), reservation_id, now, ttl_s).reservations[0]
 
         return await self._db.write(run, durable=False)
 
@@ -352,14 +276,12 @@ class SqliteRates:
         window_s: int = 60,
         now: float | None = None,
     ) -> RateDecision:
-        nonnegative(limit=limit, amount=amount)
-        moment = self._clock() if now is None else now
+        hit, moment = WindowHit(scope, name, limit, amount, window_s), now
+        if moment is None:
+            moment = self._clock()
 
         def run(conn: sqlite3.Connection) -> RateDecision:
-            decision = _decide_hit(conn, scope, name, limit, amount, window_s, moment)
-            if decision.allowed:
-                _count(conn, scope, name, window_s, decision)
-            return decision
+            return _admit(conn, (hit,), (), "", moment, 0).windows[0]
 
         return await self._db.write(run, durable=False)
 
