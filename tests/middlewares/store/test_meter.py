@@ -192,6 +192,18 @@ async def test_admitting_a_live_reservation_id_again_holds_it_once(stores: Store
     assert await stores.budgets.status(KEY, MONTH) == BudgetStatus(0, 50)
 
 
+async def test_admitting_a_live_id_again_keeps_its_amount_and_expiry(
+    stores: Stores, clock: FakeClock
+) -> None:
+    assert (await stores.meter.admit((), (hold(100, 30),), "r1", 30)).admitted
+    clock.advance(20)
+    again = await stores.meter.admit((), (hold(100, 60),), "r1", 30)
+    assert again == Admission(True, (), (Reservation(True, 0, 30, 100),))
+    assert await stores.budgets.status(TEAM, MONTH) == BudgetStatus(0, 30)
+    clock.advance(10)  # 30 s after the first admission: it expires, not extended by the second
+    assert await stores.budgets.status(TEAM, MONTH) == BudgetStatus(0, 0)
+
+
 async def test_expired_reservations_do_not_count(stores: Stores, clock: FakeClock) -> None:
     meter = stores.meter
     assert (await meter.admit((), (hold(100, 100),), "crashed", 30)).admitted
