@@ -83,14 +83,29 @@ class MemoryStore(Section):
     kind: Literal["memory"]
 
 
+_BATCH_S = Field(
+    default=0.0,
+    ge=0,
+    le=60,
+    description=(
+        "0: every request's admission and settlement are written before it is answered. "
+        "Above 0: each process admits from leases (slices of budgets and rate windows it "
+        "reserves in the store) and writes settlements in batches every batch_s seconds; "
+        "a process that dies loses the spend it had not written yet."
+    ),
+)
+
+
 class SqliteStore(Section):
     kind: Literal["sqlite"]
     path: str = "sidegate.db"
+    batch_s: float = _BATCH_S
 
 
 class RedisStore(Section):
     kind: Literal["redis"]
     url: str = "redis://127.0.0.1:6379/0"
+    batch_s: float = _BATCH_S
 
 
 Store = Annotated[MemoryStore | SqliteStore | RedisStore, Field(discriminator="kind")]

@@ -349,7 +349,7 @@ class _Metered:
             reservation_id=self.reservation_id,
             budgets=tuple(self.reserved),
             cost_nano=actual,
-            entry=self._entry(usage, actual),
+            entries=(self._entry(usage, actual),),
             adjustments=self._adjustments(usage.total_tokens if usage is not None else 0),
         )
         self.reserved = []

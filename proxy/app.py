@@ -18,6 +18,7 @@ from sidegate.middlewares.access_log import access_log_middleware, add_request_i
 from sidegate.middlewares.errors import SidegateError, error_middleware
 from sidegate.middlewares.ratelimit_headers import apply_ratelimit_headers
 from sidegate.middlewares.store import Stores, open_stores
+from sidegate.middlewares.store.leases import LeasedStores
 
 from . import handlers
 from .dialects import ENDPOINTS
@@ -123,12 +124,17 @@ def _dispatch(state: GatewayState) -> Middleware:
 
 
 async def open_store(store: MemoryStore | SqliteStore | RedisStore) -> Stores:
-    """The store named by config; it stays open across reloads (a new ``store`` needs a restart)."""
+    """The store named by config; it stays open across reloads (a new ``store`` needs a restart).
+
+    With ``batch_s`` the meter admits from leases and settles in batches
+    (:mod:`sidegate.middlewares.store.leases`)."""
     if isinstance(store, SqliteStore):
-        return await open_stores("sqlite", path=store.path)
-    if isinstance(store, RedisStore):
-        return await open_stores("redis", url=store.url)
-    return await open_stores("memory")
+        stores = await open_stores("sqlite", path=store.path)
+    elif isinstance(store, RedisStore):
+        stores = await open_stores("redis", url=store.url)
+    else:
+        return await open_stores("memory")
+    return LeasedStores(stores, batch_s=store.batch_s) if store.batch_s > 0 else stores
 
 
 def _lifecycle(

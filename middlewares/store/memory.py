@@ -235,8 +235,8 @@ class MemoryMeter:
                 if scope in marked or budgets.mark(scope, rid):
                     marked.add(scope)
                     budgets.charge(scope, period, rid, cost)
-        if settlement.entry is not None:  # only given with a cost
-            self._ledger.append(settlement.entry)
+        for entry in settlement.entries:  # only given with a cost
+            self._ledger.append(entry)
         for change in settlement.adjustments:
             await self._rates.adjust(
                 change.scope,

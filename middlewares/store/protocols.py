@@ -152,7 +152,7 @@ class Meter(Protocol):
         ...
 
     async def settle(self, settlement: Settlement) -> bool:
-        """Commit or release the reservations, record the entry and apply the adjustments, as
+        """Commit or release the reservations, record the entries and apply the adjustments, as
         :class:`~.types.Settlement` describes; False when its commit was already done."""
         ...
 

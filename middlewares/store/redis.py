@@ -216,9 +216,9 @@ class RedisRates:
         await self._scripts.run("ADJUST", [key], (delta,))
 
 
-def _one_team(scopes: Iterable[Scope], entry: LedgerEntry | None = None) -> str | None:
-    """The one team of ``scopes`` (and ``entry``); ValueError for several (no single slot)."""
-    teams = {scope.team for scope in scopes} | ({entry.team} if entry else set())
+def _one_team(scopes: Iterable[Scope], entries: Iterable[LedgerEntry] = ()) -> str | None:
+    """The one team of ``scopes`` (and ``entries``); ValueError for several (no single slot)."""
+    teams = {scope.team for scope in scopes} | {entry.team for entry in entries}
     if len(teams) > 1:
         raise ValueError(f"an admission or settlement concerns one team, got {sorted(teams)}")
     return next(iter(teams), None)
@@ -268,10 +268,10 @@ class RedisMeter:
         return Admission(bool(admitted), tuple(decisions), tuple(held))
 
     async def settle(self, settlement: Settlement) -> bool:
-        rid, budgets, entry = settlement.reservation_id, settlement.budgets, settlement.entry
+        rid, budgets, entries = settlement.reservation_id, settlement.budgets, settlement.entries
         adjustments = settlement.adjustments
         scopes = [*(scope for scope, _ in budgets), *(change.scope for change in adjustments)]
-        team = _one_team(scopes, entry)
+        team = _one_team(scopes, entries)
         if team is None:
             return True
         keys: list[str] = []
@@ -281,14 +281,15 @@ class RedisMeter:
         for change in adjustments:
             index = window_index(change.window_start, change.window_s)
             keys.append(self._keys.rate(change.scope, change.name, change.window_s, index))
-        score, member = "", b""
-        if entry is not None:
-            score = str(to_micros(entry.timestamp))
-            entry_id = f"{self._keys.who(budgets[0][0])}:{rid}" if budgets else uuid.uuid4().hex
-            member = encode_entry(entry, entry_id)
         cost = "" if settlement.cost_nano is None else settlement.cost_nano
-        args = [len(budgets), len(adjustments), rid, cost, self._retention_s, score, member]
+        args: list[Any] = [len(budgets), len(adjustments), rid, cost, self._retention_s]
         args += [change.delta for change in adjustments]
+        # An entry's id is derived from the reservation when there is one, so a repeated
+        # settlement re-adds the same member (a no-op) rather than a second entry.
+        base = f"{self._keys.who(budgets[0][0])}:{rid}" if budgets else uuid.uuid4().hex
+        for number, entry in enumerate(entries):
+            entry_id = base if number == 0 else f"{base}:{number}"
+            args += [str(to_micros(entry.timestamp)), encode_entry(entry, entry_id)]
         return bool(await self._scripts.run("SETTLE", keys, args))
 
 

@@ -148,8 +148,8 @@ return {1, windows, reservations}
 
 # KEYS: spent, held, expiry, done of each budget, then the ledger, then the counter of each
 #   adjusted window
-# ARGV: budgets, adjustments, id, cost ('' to release), retention_s, ledger score ('' for none),
-#   ledger member, then the delta of each adjustment
+# ARGV: budgets, adjustments, id, cost ('' to release), retention_s, then the delta of each
+#   adjustment, then a ledger score and member per entry
 # -> 1, or 0 when the first budget's commit was done before (then nothing changes). COMMIT (a
 #   budget whose own commit was done before is skipped) or RELEASE of every budget, then ADJUST.
 SETTLE = """
@@ -167,7 +167,6 @@ if cost ~= '' then
       redis.call('SET', KEYS[k + 4], '1', 'EX', ARGV[5])
     end
   end
-  if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4 * budgets + 1], ARGV[6], ARGV[7]) end
 else
   for i = 1, budgets do
     redis.call('HDEL', KEYS[4 * i - 2], id)
@@ -176,9 +175,12 @@ else
 end
 for i = 1, adjustments do
   local key = KEYS[4 * budgets + 1 + i]
-  if redis.call('EXISTS', key) == 1 and redis.call('INCRBY', key, ARGV[7 + i]) < 0 then
+  if redis.call('EXISTS', key) == 1 and redis.call('INCRBY', key, ARGV[5 + i]) < 0 then
     redis.call('SET', key, 0, 'KEEPTTL')
   end
+end
+for i = 6 + adjustments, #ARGV, 2 do
+  redis.call('ZADD', KEYS[4 * budgets + 1], ARGV[i], ARGV[i + 1])
 end
 return 1
 """

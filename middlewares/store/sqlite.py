@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from .admission import decide
 from .sqlite_db import SqliteDatabase
-from .sqlite_ledger import SqliteLedger, append_entry
+from .sqlite_ledger import SqliteLedger, append_entries
 from .types import (
     COMMIT_RETENTION_S,
     Admission,
@@ -109,7 +109,7 @@ def _commit(
         return False
     _charge(conn, scope, period, reservation_id, actual_nano)
     if entry is not None:
-        append_entry(conn, entry)
+        append_entries(conn, (entry,))
     return True
 
 
@@ -324,7 +324,7 @@ class SqliteMeter:
 
     async def settle(self, settlement: Settlement) -> bool:
         now, keep = self._clock(), self._retention_s
-        rid, cost, entry = settlement.reservation_id, settlement.cost_nano, settlement.entry
+        rid, cost, entries = settlement.reservation_id, settlement.cost_nano, settlement.entries
 
         def run(conn: sqlite3.Connection) -> bool:
             if cost is None:
@@ -339,10 +339,7 @@ class SqliteMeter:
                         continue
                     marked.add(scope)
                     _charge(conn, scope, period, rid, cost)
-                if entry is not None:
-                    append_entry(conn, entry)
-            elif entry is not None:
-                append_entry(conn, entry)
+            append_entries(conn, entries)
             for change in settlement.adjustments:
                 _adjust(conn, change)
             return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -10,7 +11,7 @@ from .ledger import aggregate_entries
 from .sqlite_db import SqliteDatabase
 from .types import Granularity, LedgerEntry, UsageReport, from_micros, to_micros
 
-__all__ = ["SqliteLedger", "append_entry"]
+__all__ = ["SqliteLedger", "append_entries"]
 
 _LEDGER_COLUMNS = (
     "at, team, key_id, upstream, model, kind, prompt_tokens, completion_tokens, images, "
@@ -18,23 +19,26 @@ _LEDGER_COLUMNS = (
 )
 
 
-def append_entry(conn: sqlite3.Connection, entry: LedgerEntry) -> None:
-    """Insert ``entry`` in the transaction open on ``conn`` (a budget commit's, or its own)."""
-    conn.execute(
+def append_entries(conn: sqlite3.Connection, entries: Iterable[LedgerEntry]) -> None:
+    """Insert ``entries`` in the transaction open on ``conn`` (a budget commit's, or their own)."""
+    conn.executemany(
         f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-        (
-            to_micros(entry.timestamp),
-            entry.team,
-            entry.key_id,
-            entry.upstream,
-            entry.model,
-            entry.kind,
-            entry.prompt_tokens,
-            entry.completion_tokens,
-            entry.images,
-            entry.cost_nano,
-            entry.request_id,
-        ),
+        [
+            (
+                to_micros(entry.timestamp),
+                entry.team,
+                entry.key_id,
+                entry.upstream,
+                entry.model,
+                entry.kind,
+                entry.prompt_tokens,
+                entry.completion_tokens,
+                entry.images,
+                entry.cost_nano,
+                entry.request_id,
+            )
+            for entry in entries
+        ],
     )
 
 
@@ -62,7 +66,7 @@ class SqliteLedger:
         self._db = db
 
     async def record(self, entry: LedgerEntry) -> None:
-        await self._db.write(lambda conn: append_entry(conn, entry))
+        await self._db.write(lambda conn: append_entries(conn, (entry,)))
 
     async def query(self, team: str, since: datetime, until: datetime) -> list[LedgerEntry]:
         bounds = (team, to_micros(since), to_micros(until))

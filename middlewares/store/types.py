@@ -265,21 +265,22 @@ class Settlement:
 
     ``budgets`` are the ``(scope, period)`` pairs reserved under ``reservation_id`` at
     admission. With ``cost_nano`` given they are committed at that cost (each budget's spend grows
-    by it) and ``entry`` goes to the ledger once (also when there is no budget); with
-    ``cost_nano=None`` they are released and no entry may be given. ``adjustments`` correct rate
-    windows counted in advance.
+    by it) and ``entries`` go to the ledger once (also when there is no budget: a request's one
+    entry, or a batch of them); with ``cost_nano=None`` they are released and no entry may be
+    given. ``adjustments`` correct rate windows counted in advance. Every scope and entry of one
+    settlement belongs to one team.
     A settlement that commits budgets is idempotent by ``reservation_id``: repeating it changes
-    nothing, adjustments and entry included.
+    nothing, adjustments and entries included.
     """
 
     reservation_id: str
     budgets: tuple[tuple[Scope, str], ...] = ()
     cost_nano: int | None = None
-    entry: LedgerEntry | None = None
+    entries: tuple[LedgerEntry, ...] = ()
     adjustments: tuple[WindowAdjustment, ...] = ()
 
     def __post_init__(self) -> None:
         if self.cost_nano is not None:
             nonnegative(cost_nano=self.cost_nano)
-        elif self.entry is not None:
+        elif self.entries:
             raise ValueError("a settlement that releases its budgets records no ledger entry")

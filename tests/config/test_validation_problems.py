@@ -96,7 +96,20 @@ def test_store_fields_are_reported_without_the_union_tag(problems: Load, minimal
     found = problems(minimal + "store:\n  kind: redis\n  uri: redis://x\n")
 
     assert [(p.path, p.line) for p in found] == [("store.uri", 9)]
-    assert found[0].message == "unknown key 'uri' (allowed: kind, url)"
+    assert found[0].message == "unknown key 'uri' (allowed: kind, url, batch_s)"
+
+
+def test_store_batching_is_bounded_and_not_for_the_memory_store(
+    problems: Load, minimal: str
+) -> None:
+    negative = problems(minimal + "store: {kind: sqlite, batch_s: -1}\n")
+    memory = problems(minimal + "store: {kind: memory, batch_s: 1}\n")
+
+    assert [(p.path, p.line) for p in negative] == [("store.batch_s", 7)]
+    assert "greater than or equal to 0" in negative[0].message
+    assert [(p.path, p.message) for p in memory] == [
+        ("store.batch_s", "unknown key 'batch_s' (allowed: kind)")
+    ]
 
 
 def test_store_without_kind(problems: Load, minimal: str) -> None:

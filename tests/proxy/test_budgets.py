@@ -160,10 +160,18 @@ def budget_config(
     return config
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+STRICT = ["memory", "sqlite"]
+"""The stores that write each request before answering it; with leases, what the store holds is
+a lease, not the request's own reservation (tests/middlewares/store/test_leases.py)."""
+
+
+@pytest.fixture(params=[*STRICT, "sqlite-leased"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """Each store; ``sqlite-leased`` admits from leases and writes in batches (``batch_s``)."""
     if request.param == "memory":
         return {"kind": "memory"}
+    if request.param == "sqlite-leased":
+        return {"kind": "sqlite", "path": str(tmp_path / "sidegate.db"), "batch_s": 0.05}
     return {"kind": "sqlite", "path": str(tmp_path / "sidegate.db")}
 
 
@@ -553,6 +561,7 @@ async def test_a_client_that_leaves_mid_stream_is_charged_more_than_zero(
         )
 
 
+@pytest.mark.parametrize("store", STRICT, indirect=True)
 async def test_admin_budgets_shows_the_reservation_of_a_stream_in_flight(
     make: Make, meridian: Upstream
 ) -> None:
@@ -591,8 +600,12 @@ async def test_an_upstream_error_releases_the_reservation(
     response = await client.post(CHAT, json=chat(max_tokens=100))
     assert response.status == status
     assert meridian.state.count(CHAT) == 1
-    rows = await budgets_rows(client)
-    row = rows[("platform", None)]
+
+    async def released() -> dict[str, Any] | None:  # at once; with leases, within batch_s
+        row = (await budgets_rows(client))[("platform", None)]
+        return row if row["reserved_usd"] == 0 else None
+
+    row = await eventually(released, "the reservation released")
     assert (row["spent_usd"], row["reserved_usd"], row["remaining_usd"]) == (0, 0, 100)
     assert await stores_of(client).ledger.query("platform", EPOCH, FAR) == []
 
@@ -607,7 +620,12 @@ async def test_an_upstream_error_on_a_stream_releases_the_reservation(
     meridian.state.script(Fault(status=503), path=CHAT)
     response = await client.post(CHAT, json=chat(stream=True))
     assert response.status == 503
-    assert await status_of(client, Scope("platform")) == BudgetStatus(0, 0)
+
+    async def released() -> BudgetStatus | None:  # at once; with leases, within batch_s
+        status = await status_of(client, Scope("platform"))
+        return status if status.reserved == 0 else None
+
+    assert await eventually(released, "the reservation released") == BudgetStatus(0, 0)
 
 
 # -- every endpoint -------------------------------------------------------------------------------
@@ -1191,6 +1209,7 @@ async def test_a_request_a_budget_refuses_takes_no_place_in_the_rate_window(
     assert meridian.state.count(CHAT) == 2
 
 
+@pytest.mark.parametrize("store", STRICT, indirect=True)
 async def test_a_commit_the_store_refuses_is_retried_until_it_lands(
     make: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1219,6 +1238,7 @@ async def test_a_commit_the_store_refuses_is_retried_until_it_lands(
     assert [entry.cost_nano for entry in entries] == [10_000]
 
 
+@pytest.mark.parametrize("store", STRICT, indirect=True)
 async def test_an_admission_the_handler_stops_waiting_for_is_undone(
     aiohttp_client: AiohttpClient,
     gateway_config: dict[str, Any],

@@ -246,7 +246,7 @@ async def test_settle_commits_every_budget_and_records_one_entry(stores: Stores)
             reservation_id="r1",
             budgets=((TEAM, MONTH), (TEAM, DAY), (KEY, MONTH)),
             cost_nano=25,
-            entry=charged,
+            entries=(charged,),
             adjustments=(
                 adjust("tokens", -200, KEY),
                 adjust("requests", 2),
@@ -272,7 +272,7 @@ async def test_a_repeated_settlement_changes_nothing(stores: Stores) -> None:
         reservation_id="r1",
         budgets=((TEAM, MONTH), (KEY, MONTH)),
         cost_nano=25,
-        entry=entry("req-1", 25),
+        entries=(entry("req-1", 25),),
         adjustments=(adjust("requests", 4),),
     )
 
@@ -317,13 +317,35 @@ async def test_settle_without_budgets_records_the_entry(stores: Stores) -> None:
 
     settled = await stores.meter.settle(
         Settlement(
-            reservation_id="r1", cost_nano=7, entry=charged, adjustments=(adjust("tokens", 50),)
+            reservation_id="r1",
+            cost_nano=7,
+            entries=(charged,),
+            adjustments=(adjust("tokens", 50),),
         )
     )
 
     assert settled is True
     assert await entries(stores) == [charged]
     assert await count(stores, "tokens") == 150
+
+
+async def test_a_settlement_records_a_batch_of_entries_once(stores: Stores) -> None:
+    await stores.meter.admit((), (hold(100, 30),), "lease", TTL)
+    batch = (entry("req-1", 5), entry("req-2", 7), entry("req-3", 0))
+    settlement = Settlement(
+        reservation_id="lease", budgets=((TEAM, MONTH),), cost_nano=12, entries=batch
+    )
+
+    first = await stores.meter.settle(settlement)
+    again = await stores.meter.settle(settlement)
+    loose = await stores.meter.settle(
+        Settlement(reservation_id="batch", cost_nano=0, entries=(entry("req-4", 1),) * 2)
+    )
+
+    assert (first, again, loose) == (True, False, True)
+    recorded = sorted(await entries(stores), key=lambda e: (e.request_id, e.cost_nano))
+    assert recorded == [*batch, entry("req-4", 1), entry("req-4", 1)]
+    assert await stores.budgets.status(TEAM, MONTH) == BudgetStatus(12, 0)
 
 
 async def test_adjusting_a_window_that_is_over_or_never_counted_changes_nothing(
@@ -346,7 +368,7 @@ async def test_adjusting_a_window_that_is_over_or_never_counted_changes_nothing(
 
 def test_a_release_records_no_entry() -> None:
     with pytest.raises(ValueError, match="no ledger entry"):
-        Settlement(reservation_id="r1", budgets=((TEAM, MONTH),), entry=entry("req-1", 0))
+        Settlement(reservation_id="r1", budgets=((TEAM, MONTH),), entries=(entry("req-1", 0),))
 
 
 async def test_fifty_concurrent_admissions_admit_exactly_ten(stores: Stores) -> None:
@@ -384,7 +406,7 @@ async def test_two_clients_of_one_store_admit_and_settle_exactly_ten(
                     reservation_id=rid,
                     budgets=((TEAM, MONTH),),
                     cost_nano=7,
-                    entry=entry(rid, 7),
+                    entries=(entry(rid, 7),),
                     adjustments=(adjust("requests", -1),),
                 )
             )
@@ -412,7 +434,7 @@ async def test_redis_refuses_an_admission_or_settlement_of_two_teams(clock: Fake
                     reservation_id="r1",
                     budgets=((TEAM, MONTH),),
                     cost_nano=1,
-                    entry=entry("req-1", 1, team="ads"),
+                    entries=(entry("req-1", 1, team="ads"),),
                 )
             )
         with pytest.raises(ValueError, match="one team"):
