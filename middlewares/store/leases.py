@@ -63,7 +63,7 @@ __all__ = ["LEASE_REQUESTS", "LeasedMeter", "LeasedStores"]
 
 log = structlog.get_logger(__name__)
 
-LEASE_REQUESTS = 32
+LEASE_REQUESTS = 128
 """A lease covers up to this many requests like the one that asked for it."""
 
 _ROUNDS = 8
@@ -311,7 +311,7 @@ class LeasedMeter:
         for size in dict.fromkeys((want, short)):
             slice_id = f"lease:{uuid.uuid4().hex}"
             slice_ = BudgetHold(hold.scope, hold.period, hold.limit_nano, size)
-            admission = await self._inner.admit((), (slice_,), slice_id, ttl_s + self._batch_s)
+            admission = await self._inner.admit((), (slice_,), slice_id, self._lease_ttl(ttl_s))
             answer = admission.reservations[0]
             budget.spent, budget.reserved = answer.spent, answer.reserved
             if answer.admitted:
@@ -321,6 +321,11 @@ class LeasedMeter:
                 budget.current.amount += size
                 return None
         return answer
+
+    def _lease_ttl(self, ttl_s: float) -> float:
+        """A slice outlives every request it admits: one admitted just before the lease stops
+        admitting may hold for ``ttl_s`` more (and a second covers the store's round trip)."""
+        return ttl_s + self._batch_s + 1.0
 
     # -- settlement -------------------------------------------------------------------------
 

@@ -110,6 +110,34 @@ async def test_one_lease_serves_many_requests(stores: Stores, clock: FakeClock) 
     await meter.close()
 
 
+async def test_a_released_request_gives_its_share_back_to_the_lease(
+    stores: Stores, clock: FakeClock
+) -> None:
+    asked: list[int] = []
+
+    class Counting:
+        async def admit(self, *args: object) -> Admission:
+            asked.append(1)
+            return await stores.meter.admit(*args)  # type: ignore[arg-type]
+
+        async def settle(self, settlement: Settlement) -> bool:
+            return await stores.meter.settle(settlement)
+
+    meter = LeasedMeter(Counting(), batch_s=BATCH, clock=clock)
+    hit = WindowHit(TEAM, "requests", 10**9, 1)
+    first = await meter.admit((hit,), (hold(10**9, 10),), "r0", TTL)
+    start = first.windows[0].window_start
+    undo = WindowAdjustment(TEAM, "requests", -1, start)
+    await meter.settle(
+        Settlement(reservation_id="r0", budgets=((TEAM, MONTH),), adjustments=(undo,))
+    )
+    for i in range(1, LEASE_REQUESTS + 1):
+        assert (await meter.admit((hit,), (hold(10**9, 10),), f"r{i}", TTL)).admitted
+
+    assert len(asked) == 2  # one lease of the window, one of the budget
+    await meter.close()
+
+
 async def test_two_processes_never_admit_more_than_the_budget(
     pair: tuple[Stores, Stores], clock: FakeClock
 ) -> None:
@@ -196,14 +224,14 @@ async def test_tokens_used_beyond_the_lease_reach_the_store(
             reservation_id="r1",
             cost_nano=1,
             entries=(entry("r1", 1),),
-            adjustments=(WindowAdjustment(TEAM, "tokens", 10_000, start),),
+            adjustments=(WindowAdjustment(TEAM, "tokens", 100 * LEASE_REQUESTS, start),),
         )
     )
     await leased.flush()
 
     assert counted == 100 * LEASE_REQUESTS
     after = (await stores.rates.hit(TEAM, "tokens", 10**9, 0)).count
-    assert after == 100 + 10_000  # the store now counts what was used, lease included
+    assert after == 100 + 100 * LEASE_REQUESTS  # what was used: more than the lease
     assert [e.request_id for e in await ledger(stores)] == ["r1"]
 
 
