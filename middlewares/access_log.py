@@ -59,8 +59,9 @@ def access_log_middleware(*, observer: RequestObserver | None = None) -> Middlew
         finally:
             try:
                 latency = time.perf_counter() - started
-                if _enabled(log):
-                    _log(request, request_id, status, latency)
+                logger = log.bind()  # the configured logger (cached by structlog when asked)
+                if _enabled(logger):
+                    _log(logger, request, request_id, status, latency)
                 if observer is not None:
                     resource = request.match_info.route.resource
                     endpoint = resource.canonical if resource is not None else "unmatched"
@@ -77,10 +78,10 @@ def _enabled(logger: Any) -> bool:
     return check is None or bool(check(logging.INFO))
 
 
-def _log(request: web.Request, request_id: str, status: int, latency: float) -> None:
+def _log(logger: Any, request: web.Request, request_id: str, status: int, latency: float) -> None:
     call = request.get(CALL_KEY)
     if call is None:
-        log.info(
+        logger.info(
             "request",
             request_id=request_id,
             method=request.method,
@@ -92,7 +93,7 @@ def _log(request: web.Request, request_id: str, status: int, latency: float) -> 
     route = call.route
     upstream_ms = call.upstream_latency_ms
     principal = call.principal
-    log.info(
+    logger.info(
         "request",
         request_id=request_id,
         method=request.method,
