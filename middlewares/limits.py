@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import secrets
 import time
-import uuid
-from collections.abc import Callable, Coroutine, Mapping
+import types
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -63,6 +64,7 @@ log = structlog.get_logger(__name__)
 
 TEAM_LIMITS_KEY = web.RequestKey("sidegate_team_limits", RateLimits)
 _COMMIT_RETRIES = (0.1, 0.5, 2.0, 5.0, 15.0, 30.0, 60.0)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +161,7 @@ def limits_middleware(
             else:
                 await asyncio.shield(metered.release())
             raise
-        await asyncio.shield(metered.settle(response))
+        await asyncio.shield(_started(metered.settle(response)))
         return response
 
     return limits
@@ -186,7 +188,7 @@ class _Metered:
         self.kind = call.route.kind
         self.estimate = self._estimate()
         call.cost_estimate_nano_usd = self.estimate.cost_nano
-        self.reservation_id = uuid.uuid4().hex  # never the client's x-request-id
+        self.reservation_id = secrets.token_hex(16)  # never the client's x-request-id
         self.reserved: list[tuple[Scope, str]] = []
         self.token_windows: list[tuple[Scope, int, float]] = []
         self.sse: SseUsage | None = None
@@ -249,7 +251,7 @@ class _Metered:
         """The store's admission; one the caller no longer waits for is undone when it lands."""
         meter = self.stores.meter
         ttl = self.settings.reservation_ttl_s
-        admitting = asyncio.ensure_future(meter.admit(hits, holds, self.reservation_id, ttl))
+        admitting = _started(meter.admit(hits, holds, self.reservation_id, ttl))
         try:
             return await asyncio.shield(admitting)
         except asyncio.CancelledError:
@@ -443,6 +445,44 @@ class _Metered:
         task.add_done_callback(self.pending.discard)
 
 
+def _started(work: Coroutine[Any, Any, _T]) -> asyncio.Future[_T]:
+    """``work`` as a future, like :func:`asyncio.ensure_future`, but run at once up to its first
+    wait: when it finishes without waiting (the memory store, or a leased meter answering from
+    its lease) the future is already done, and neither a task nor a trip round the event loop is
+    spent on it (``asyncio.shield`` of a done future is that future). Otherwise a task carries it
+    on from where it stopped. Until then it runs synchronously in the caller, so no cancellation
+    can reach it there. An exception it raises before waiting is raised here."""
+    loop = asyncio.get_running_loop()
+    try:
+        waiting = work.send(None)
+    except StopIteration as finished:
+        done: asyncio.Future[_T] = loop.create_future()
+        done.set_result(finished.value)
+        return done
+    return loop.create_task(_carry_on(work, waiting))
+
+
+async def _carry_on(work: Coroutine[Any, Any, _T], waiting: Any) -> _T:
+    return await _resumed(work, waiting)
+
+
+@types.coroutine
+def _resumed(work: Coroutine[Any, Any, _T], waiting: Any) -> Generator[Any, None, _T]:
+    """Go on with ``work``, suspended on ``waiting``, as the task running it would have: wait for
+    the same thing, then resume it with what the task sends (or throws) in."""
+    while True:
+        try:
+            yield waiting
+        except BaseException as exc:  # cancelled (or closed) while waiting: ``work`` decides
+            resume = functools.partial(work.throw, exc)
+        else:
+            resume = functools.partial(work.send, None)
+        try:
+            waiting = resume()
+        except StopIteration as finished:
+            return finished.value  # type: ignore[no-any-return]
+
+
 def _call_team(call: Call) -> str | None:
     return call.principal.team if call.principal is not None else None
 
@@ -450,14 +490,15 @@ def _call_team(call: Call) -> str | None:
 def _seen(hits: list[WindowHit], windows: tuple[RateDecision, ...]) -> RateLimits:
     """The first rate-limited scope's windows, as rate-limit headers show them."""
     first = hits[0].scope
-    values: dict[str, float | int] = {}
+    seen: dict[str, tuple[int, int, float]] = {}
     for hit, decision in zip(hits, windows, strict=True):
         if hit.scope != first:
             break
-        values[f"limit_{hit.name}"] = hit.limit
-        values[f"remaining_{hit.name}"] = decision.remaining
-        values[f"reset_{hit.name}"] = decision.reset_at
-    return RateLimits(**values)  # type: ignore[arg-type]
+        seen[hit.name] = (hit.limit, decision.remaining, decision.reset_at)
+    return RateLimits(*seen.get("requests", _UNSEEN), *seen.get("tokens", _UNSEEN))
+
+
+_UNSEEN = (None, None, None)
 
 
 @functools.lru_cache(maxsize=64)

@@ -211,14 +211,18 @@ def _priced(price: int | None, name: str, quantity: int) -> int:
     return price * quantity
 
 
+def _token_cost(prices: Rates, prompt_tokens: int, completion_tokens: int) -> int:
+    per_m = _priced(prices.input, "input", prompt_tokens)
+    per_m += _priced(prices.output, "output", completion_tokens)
+    return -(-per_m // PER_TOKENS)
+
+
 def cost(usage: Usage, prices: Rates, kind: str) -> int:
     """The cost of ``usage`` in nano-USD, rounded up once: tokens for chat, complete, embeddings
     and passthrough; images × per-image; audio per request plus per second of duration (the
     ``max_audio_seconds`` bound when the answer had none)."""
     if kind in _TOKEN_KINDS:
-        per_m = _priced(prices.input, "input", usage.prompt_tokens)
-        per_m += _priced(prices.output, "output", usage.completion_tokens)
-        return -(-per_m // PER_TOKENS)
+        return _token_cost(prices, usage.prompt_tokens, usage.completion_tokens)
     if kind == "images":
         return usage.images * image_price(prices, usage.image_size, usage.image_quality)
     if kind == "audio":
@@ -236,12 +240,18 @@ def cost(usage: Usage, prices: Rates, kind: str) -> int:
 
 
 def _text_bound(value: Any) -> int:
+    """One per UTF-8 byte of every string in ``value`` (keys included), ``len(str(x))`` of
+    anything else. JSON's dict and list are tested before the slower abstract Mapping."""
     if isinstance(value, str):
         return len(value.encode())
+    if isinstance(value, dict):
+        return sum(map(_text_bound, map(str, value))) + sum(map(_text_bound, value.values()))
+    if isinstance(value, list):
+        return sum(map(_text_bound, value))
     if isinstance(value, Mapping):
-        return sum(len(str(k).encode()) + _text_bound(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return sum(_text_bound(item) for item in value)
+        return sum(map(_text_bound, map(str, value))) + sum(map(_text_bound, value.values()))
+    if isinstance(value, tuple):
+        return sum(map(_text_bound, value))
     return len(str(value))
 
 
@@ -263,7 +273,7 @@ def _count(body: Mapping[str, Any], name: str, default: int | None) -> int | Non
 
 
 def _output_bound(body: Mapping[str, Any], prices: Rates, default: int | None) -> int:
-    asked = [_count(body, name, None) for name in ("max_tokens", "max_completion_tokens")]
+    asked = (_count(body, "max_tokens", None), _count(body, "max_completion_tokens", None))
     given = [n for n in asked if n is not None]
     cap = prices.max_output_tokens
     if given:
@@ -286,10 +296,11 @@ def estimate(
     module docstring); audio ignores ``body``. Passthrough calls are reserved by a configured
     amount instead. Bad ``max_tokens`` / ``n`` raise :class:`BadRequest`."""
     if kind in ("chat", "complete"):
-        fields = [body[name] for name in _PROMPT_FIELDS if body.get(name) is not None]
-        prompt = _PROMPT_OVERHEAD + sum(_text_bound(value) for value in fields)
-        usage = Usage(prompt, _output_bound(body, prices, default_max_output_tokens))
-    elif kind == "embeddings":
+        fields = [value for name in _PROMPT_FIELDS if (value := body.get(name)) is not None]
+        prompt = _PROMPT_OVERHEAD + sum(map(_text_bound, fields))
+        completion = _output_bound(body, prices, default_max_output_tokens)
+        return Estimate(prompt, completion, 0, _token_cost(prices, prompt, completion))
+    if kind == "embeddings":
         usage = Usage(_input_bound(body.get("input")) + _PROMPT_OVERHEAD)
     elif kind == "images":
         size, quality = _image_options(body)

@@ -114,8 +114,8 @@ class _Rewriter:
             limits = self._team(request) if mode == "team" else None
             for name in [name for name in headers if name.lower().startswith(_PREFIX)]:
                 headers.popall(name, None)
-        if limits is not None:
-            headers.update(limits.headers())
+        if limits is not None:  # none of its headers is left: extend is update
+            headers.extend(limits.header_items())
 
     def _team(self, request: web.Request) -> RateLimits | None:
         if self.team_limits is not None and (own := self.team_limits(request)) is not None:

@@ -164,14 +164,18 @@ class RateLimits:
 
     def headers(self) -> CIMultiDict[str]:
         """The normalised ``x-ratelimit-*`` headers; resets as whole unix seconds."""
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in zip(RATELIMIT_HEADERS, _values(self), strict=True):
-            if value is None:
-                continue
-            out[name] = (
-                str(math.ceil(value)) if name.startswith("x-ratelimit-reset") else str(value)
-            )
-        return out
+        return CIMultiDict(self.header_items())
+
+    def header_items(self) -> list[tuple[str, str]]:
+        """:meth:`headers` as ``(name, value)`` pairs, in the order of :data:`RATELIMIT_HEADERS`."""
+        return [
+            (name, str(math.ceil(value)) if is_reset else str(value))
+            for (name, is_reset), value in zip(_NAMES, _values(self), strict=True)
+            if value is not None
+        ]
+
+
+_NAMES = tuple((name, name.startswith("x-ratelimit-reset")) for name in RATELIMIT_HEADERS)
 
 
 def _values(limits: RateLimits) -> tuple[Any, ...]:

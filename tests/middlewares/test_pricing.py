@@ -367,3 +367,30 @@ def test_config_budgets_take_numbers_and_strings_exactly() -> None:
     assert usd_to_nano(BudgetSettings().passthrough_reserve_usd) == 10**9
     with pytest.raises(ValidationError, match="less than or equal"):
         Budget.model_validate({"usd": 10_000_000})
+
+
+def test_prompt_bound_counts_every_container_alike() -> None:
+    from collections import OrderedDict
+    from types import MappingProxyType
+
+    as_json = {"messages": [{"role": "user", "content": "héllo", "n": 12}], "max_tokens": 1}
+    other = {
+        "messages": (MappingProxyType(OrderedDict(role="user", content="héllo", n=12)),),
+        "max_tokens": 1,
+    }
+    # 16 + keys (4 + 7 + 1) + values (4 + 6 bytes of UTF-8 + len("12"))
+    assert estimate("chat", as_json, MERIDIAN_1).prompt_tokens == 16 + 12 + 12
+    assert estimate("chat", other, MERIDIAN_1) == estimate("chat", as_json, MERIDIAN_1)
+    numbered = {"messages": [{1: "ab", None: [True, 2.5]}], "max_tokens": 1}
+    assert estimate("chat", numbered, MERIDIAN_1).prompt_tokens == 16 + 1 + 2 + 4 + 4 + 3
+
+
+def test_the_larger_of_max_tokens_and_max_completion_tokens_is_reserved() -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    both = {"messages": messages, "max_tokens": 5, "max_completion_tokens": 9}
+    assert estimate("chat", both, MERIDIAN_1).completion_tokens == 9
+    assert estimate("chat", {**both, "max_tokens": 11}, MERIDIAN_1).completion_tokens == 11
+    only = {"messages": messages, "max_completion_tokens": 3}
+    assert estimate("chat", only, MERIDIAN_1).completion_tokens == 3
+    with pytest.raises(BadRequest):
+        estimate("chat", {**both, "max_completion_tokens": -1}, MERIDIAN_1)

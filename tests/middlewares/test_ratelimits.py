@@ -378,3 +378,15 @@ def test_passthrough_leaves_canonical_headers_alone_and_fixes_the_rest() -> None
     twice = CIMultiDict(canonical)
     twice.add("x-ratelimit-limit-requests", "7")
     assert not _canonical(twice)
+
+
+def test_header_items_are_the_headers_in_order() -> None:
+    limits = RateLimits(10, 9, 100.2, None, 5, None)
+    assert limits.header_items() == [
+        ("x-ratelimit-limit-requests", "10"),
+        ("x-ratelimit-remaining-requests", "9"),
+        ("x-ratelimit-reset-requests", "101"),
+        ("x-ratelimit-remaining-tokens", "5"),
+    ]
+    assert list(limits.headers().items()) == limits.header_items()
+    assert RateLimits().header_items() == []
