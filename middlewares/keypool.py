@@ -26,14 +26,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal
 
 import structlog
 
 from .errors import SidegateError, UpstreamError
-from .ratelimits import RateLimits, parse_ratelimits
+from .ratelimits import RateLimits, parse_ratelimit_values, ratelimit_values
 
 __all__ = [
     "KeyPool",
@@ -107,7 +107,8 @@ class PoolSpec:
     picks off them). ``least_limited`` always does; :meth:`KeyPool.aggregate` (the ``team``
     header mode's fallback) and :attr:`KeyStatus.limits` need them too. Without, a key's limits
     stay empty and observing an answer looks only at its status (429 cooldown, 401/403
-    quarantine), which is cheaper.
+    quarantine), which is cheaper. With, an answer's values are kept as they came and parsed only
+    when something reads the key's :attr:`PoolKey.limits`, so readings nobody reads cost little.
     """
 
     keys: Sequence[KeySpec]
@@ -124,16 +125,39 @@ class PoolKey:
 
     spec: KeySpec
     auth: tuple[str, str] = field(repr=False)
-    limits: RateLimits = field(default_factory=RateLimits)
     cooling_until: float = 0.0
     quarantined_by: int | None = None
     warned: bool = False
     current_weight: float = 0.0
     last_pick: int = 0
+    _limits: RateLimits = field(default_factory=RateLimits, init=False, repr=False)
+    _unread: list[_Event] = field(default_factory=list, init=False, repr=False)
 
     @property
     def id(self) -> str:
         return self.spec.id
+
+    @property
+    def limits(self) -> RateLimits:
+        """The key's ``x-ratelimit-*`` readings, less the picks since (see :class:`KeyPool`)."""
+        if self._unread:
+            self._fold()
+        return self._limits
+
+    @limits.setter
+    def limits(self, value: RateLimits) -> None:
+        self._limits = value
+        self._unread = []
+
+    def _record(self, now: float, values: tuple[str | None, ...] | None) -> None:
+        """Keep a reading's raw values (or, for None, a pick) for :attr:`limits` to fold."""
+        self._unread.append((now, values))
+        if len(self._unread) >= _FOLD_AT:  # nobody reads them: keep the memory bounded
+            self._fold()
+
+    def _fold(self) -> None:
+        self._limits = _folded(self._limits, self._unread)
+        self._unread = []
 
     def state(self, now: float) -> KeyState:
         expires = self.spec.expires_at()
@@ -230,9 +254,7 @@ class KeyPool:
         self._picks += 1
         key.last_pick = self._picks
         if self._readings:
-            remaining = key.limits.current(now).remaining_requests
-            if remaining is not None:
-                key.limits = key.limits.merged(RateLimits(remaining_requests=max(0, remaining - 1)))
+            key._record(now, None)
         return key
 
     def _pick(self, candidates: list[PoolKey], now: float) -> PoolKey:
@@ -269,9 +291,9 @@ class KeyPool:
         """Learn from an upstream answer sent with ``key``: readings, 429 cooldown, 401/403."""
         now = self.clock()
         if self._readings:
-            limits = parse_ratelimits(headers, now)
-            if limits is not None:
-                key.limits = key.limits.merged(limits)
+            values = ratelimit_values(headers)
+            if values != _NO_VALUES:
+                key._record(now, values)
         if status == 429:
             seconds = self.default_cooldown_s if hint is None else hint
             key.cooling_until = max(key.cooling_until, now + seconds)
@@ -344,6 +366,41 @@ class KeyPool:
 
 
 _NO_READINGS = RateLimits()
+_NO_VALUES = (None,) * 6
+
+# What happened to a key since its readings were last folded, oldest first: an answer's raw
+# x-ratelimit-* values, or None for a pick; each with the time it happened.
+_Event = tuple[float, tuple[str | None, ...] | None]
+_FOLD_AT = 32  # events kept unread before they are folded all the same
+
+
+def _folded(limits: RateLimits, events: Sequence[_Event]) -> RateLimits:
+    """``limits`` after ``events``, each taken as of its own time: what observing and acquiring
+    would have made of them one by one.
+
+    A reading that knows all six values overrides whatever came before it, so the fold starts at
+    the newest such reading; the ones it replaced are never parsed.
+    """
+    start = 0
+    parsed: dict[int, RateLimits | None] = {}
+    for index in range(len(events) - 1, -1, -1):
+        now, values = events[index]
+        if values is None:
+            continue
+        reading = parse_ratelimit_values(values, now)
+        if reading is not None and reading.complete:
+            limits, start = reading, index + 1
+            break
+        parsed[index] = reading
+    for index in range(start, len(events)):
+        now, values = events[index]
+        if values is None:  # a pick counts one request off until the next reading
+            remaining = limits.current(now).remaining_requests
+            if remaining is not None:
+                limits = replace(limits, remaining_requests=max(0, remaining - 1))
+        elif (reading := parsed[index]) is not None:
+            limits = limits.merged(reading)
+    return limits
 
 
 def _known(values: Iterable[float | None]) -> list[float]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -32,10 +32,12 @@ __all__ = [
     "RateLimits",
     "body_retry_after",
     "parse_duration",
+    "parse_ratelimit_values",
     "parse_ratelimits",
     "parse_reset",
     "parse_retry_after",
     "parse_retry_after_ms",
+    "ratelimit_values",
     "response_retry_hint",
     "retry_hint",
 ]
@@ -106,6 +108,10 @@ def _count(value: str | None) -> int | None:
     return None if number is None else int(number)
 
 
+def _reset(value: str | None, now: float) -> float | None:
+    return None if value is None else parse_reset(value, now)
+
+
 @dataclass(frozen=True, slots=True)
 class RateLimits:
     """One view of the two rate-limit windows; resets are absolute wall-clock seconds.
@@ -128,6 +134,11 @@ class RateLimits:
             for new, old in zip(_values(newer), _values(self), strict=True)
         ]
         return RateLimits(*values)
+
+    @property
+    def complete(self) -> bool:
+        """Whether all six values are known (so :meth:`merged` into anything gives just these)."""
+        return None not in _values(self)
 
     def current(self, now: float) -> RateLimits:
         """As of ``now``: a window whose reset has passed is full again."""
@@ -190,20 +201,28 @@ def _values(limits: RateLimits) -> tuple[Any, ...]:
     )
 
 
+def ratelimit_values(headers: Mapping[str, str]) -> tuple[str | None, ...]:
+    """The raw values of the six headers of :data:`RATELIMIT_HEADERS` in ``headers``, in order."""
+    return tuple(map(headers.get, RATELIMIT_HEADERS))
+
+
+def parse_ratelimit_values(values: Sequence[str | None], now: float) -> RateLimits | None:
+    """What :func:`ratelimit_values` gave, parsed; None when none of them can be read."""
+    limit_r, remaining_r, reset_r, limit_t, remaining_t, reset_t = values
+    parsed = (
+        _count(limit_r),
+        _count(remaining_r),
+        _reset(reset_r, now),
+        _count(limit_t),
+        _count(remaining_t),
+        _reset(reset_t, now),
+    )
+    return None if parsed == _UNKNOWN else RateLimits(*parsed)
+
+
 def parse_ratelimits(headers: Mapping[str, str], now: float) -> RateLimits | None:
     """The ``x-ratelimit-*`` values in ``headers``, or None when there is none to read."""
-    get = headers.get
-    reset_requests = get("x-ratelimit-reset-requests")
-    reset_tokens = get("x-ratelimit-reset-tokens")
-    values = (
-        _count(get("x-ratelimit-limit-requests")),
-        _count(get("x-ratelimit-remaining-requests")),
-        None if reset_requests is None else parse_reset(reset_requests, now),
-        _count(get("x-ratelimit-limit-tokens")),
-        _count(get("x-ratelimit-remaining-tokens")),
-        None if reset_tokens is None else parse_reset(reset_tokens, now),
-    )
-    return None if values == _UNKNOWN else RateLimits(*values)
+    return parse_ratelimit_values(ratelimit_values(headers), now)
 
 
 _UNKNOWN = (None,) * 6

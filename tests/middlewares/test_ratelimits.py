@@ -390,3 +390,29 @@ def test_header_items_are_the_headers_in_order() -> None:
     ]
     assert list(limits.headers().items()) == limits.header_items()
     assert RateLimits().header_items() == []
+
+
+@pytest.mark.parametrize("extra", [[], [("X-RateLimit-Limit-Images", "5")]])
+async def test_team_replaces_every_ratelimit_header_and_nothing_else(
+    aiohttp_client: AiohttpClient, extra: list[tuple[str, str]]
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        upstream = [
+            ("X-RateLimit-Remaining-Requests", "41"),
+            ("x-ratelimit-reset-tokens", "6m0s"),
+            *extra,
+            ("X-Upstream-x-ratelimit-note", "kept"),
+        ]
+        return web.Response(headers=upstream)
+
+    own = RateLimits(limit_requests=600, remaining_requests=599)
+    app = make_app("team", team_limits=lambda request: own)
+    app.router.add_get("/mixed", handler)
+    client = await aiohttp_client(app)
+    response = await client.get("/mixed")
+
+    assert ratelimit_headers(response.headers) == {
+        "x-ratelimit-limit-requests": "600",
+        "x-ratelimit-remaining-requests": "599",
+    }
+    assert response.headers["X-Upstream-x-ratelimit-note"] == "kept"
