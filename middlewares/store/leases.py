@@ -159,7 +159,8 @@ class LeasedMeter:
         reservation_id: str,
         ttl_s: float,
     ) -> Admission:
-        nonnegative(ttl_s=ttl_s)
+        if ttl_s < 0:
+            nonnegative(ttl_s=ttl_s)
         self._start()
         held = self._live.get(reservation_id)
         if held is not None:  # admitted before: keeps what it holds
