@@ -243,7 +243,7 @@ def _text_bound(value: Any) -> int:
     """One per UTF-8 byte of every string in ``value`` (keys included), ``len(str(x))`` of
     anything else. JSON's dict and list are tested before the slower abstract Mapping."""
     if isinstance(value, str):
-        return len(value.encode())
+        return len(value) if value.isascii() else len(value.encode())
     if isinstance(value, dict):
         return sum(map(_text_bound, map(str, value))) + sum(map(_text_bound, value.values()))
     if isinstance(value, list):
@@ -353,8 +353,11 @@ def usage_from_response(
 
 
 def _event_json(event: bytes) -> Any:
-    lines = [line for line in event.splitlines() if line.startswith(b"data:")]
-    data = b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
+    if event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2:
+        data = event[6:-2]  # the usual event: one data line (the general case below agrees)
+    else:
+        lines = [line for line in event.splitlines() if line.startswith(b"data:")]
+        data = b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
     if not data or data.strip() == b"[DONE]":
         return None
     try:
@@ -394,7 +397,10 @@ class SseUsage:
 
     def strip(self, chunk: bytes) -> bytes:
         """Read ``chunk``; the complete events in it to forward, without the usage-only one."""
-        return b"".join(e for e in self._events(chunk) if not self._read(e))
+        events = self._events(chunk)
+        if len(events) == 1:
+            return b"" if self._read(events[0]) else events[0]
+        return b"".join([e for e in events if not self._read(e)])
 
     def flush(self) -> bytes:
         """At the end of the stream: the incomplete event :meth:`strip` held back."""
@@ -410,6 +416,8 @@ class SseUsage:
         return self.usage or Usage(prompt_tokens, self.completion_tokens_estimate())
 
     def _events(self, chunk: bytes) -> list[bytes]:
+        if not self._tail and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2:
+            return [chunk]  # the usual chunk: one whole event (the general case below agrees)
         data, start, events = self._tail + chunk, 0, []
         for end in _EVENT_END.finditer(data):
             events.append(data[start : end.end()])
@@ -427,15 +435,20 @@ class SseUsage:
         choices = parsed.get("choices")
         for choice in choices if isinstance(choices, list) else ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
-            text = _text_bound(delta.get("content") or "") if isinstance(delta, dict) else 0
-            if isinstance(delta, dict) and delta.get("tool_calls"):
+            if not isinstance(delta, dict):
+                continue
+            text = _text_bound(delta.get("content") or "")
+            if delta.get("tool_calls"):
                 text += _text_bound(delta["tool_calls"])
             self.text_bytes += text
             self.text_deltas += int(text > 0)
-        found = _token_usage(parsed.get("usage"))
+        usage = parsed.get("usage")
+        if usage is None:
+            return False
+        found = _token_usage(usage)
         if found is not None:
             self.usage = found
-        return choices == [] and isinstance(parsed.get("usage"), dict)
+        return choices == [] and isinstance(usage, dict)
 
 
 def usage_from_sse(chunks: Iterable[bytes]) -> Usage | None:

@@ -297,6 +297,25 @@ async def test_hiding_the_usage_chunk_leaves_everything_else(
     assert is_usage_only_event(b'data: {"choices":[],"usage":{"prompt_tokens":1}}\r\n\r\n')
 
 
+def test_whole_events_read_as_events_split_anywhere_do() -> None:
+    events = [
+        b'data: {"choices":[{"index":0,"delta":{"content":"caf\\u00e9 \\n"}}],"usage":null}\n\n',
+        b'data: {"choices":[{"index":0,\ndata: "delta":{"content":"x"}}],"usage":null}\n\n',
+        b": keep-alive\n\n",
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\r\n\r\n',
+        b"data: [DONE]\n\n",
+    ]
+    raw = b"".join(events)
+    whole, split = SseUsage(), SseUsage()
+
+    shown = b"".join(whole.strip(event) for event in events) + whole.flush()
+    cut = b"".join(split.strip(raw[i : i + 3]) for i in range(0, len(raw), 3)) + split.flush()
+
+    assert shown == cut == b"".join(events[:3]) + events[4]
+    assert (whole.text_bytes, whole.text_deltas) == (split.text_bytes, split.text_deltas) == (8, 2)
+    assert whole.usage == split.usage == Usage(3, 2)
+
+
 async def test_a_stream_cut_short_is_estimated_above_zero(aiohttp_client: AiohttpClient) -> None:
     client = await aiohttp_client(meridian_app())
     raw = b"".join(await stream(client, SEED_CHAT))
