@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -104,21 +104,23 @@ def _dispatch(state: GatewayState) -> Middleware:
     """Run the current runtime's policy chain.
 
     Health, router errors (404/405) and an open ``/metrics`` bypass it: they need no caller.
+    The middleware only chooses what runs, so it returns that awaitable rather than awaiting it
+    in a coroutine of its own: one frame fewer on every request's stack.
     """
 
     @web.middleware
-    async def dispatch(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def dispatch(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
         match = request.match_info
         resource = match.route.resource
         if match.http_exception is not None or resource in state.open_resources:
-            return await handler(request)
+            return handler(request)
         active = state.active
         if active is None:
             raise SidegateError("sidegate is not ready.", status=503, code="not_ready")
         if resource is state.metrics_resource and active.runtime.config.auth.metrics_role is None:
-            return await handler(request)
+            return handler(request)
         request[ACTIVE_KEY] = active
-        return await active.chain(handler)(request)
+        return active.chain(handler)(request)
 
     return dispatch
 
@@ -143,9 +145,7 @@ def _lifecycle(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE_KEY]
         connector = aiohttp.TCPConnector(limit=_UPSTREAM_CONNECTIONS, ttl_dns_cache=300)
-        state._session = aiohttp.ClientSession(
-            connector=connector, trust_env=False, skip_auto_headers=("User-Agent",)
-        )
+        state._session = aiohttp.ClientSession(connector=connector, trust_env=False)
         watcher: asyncio.Task[None] | None = None
         try:
             state._stores = await open_store(config.store)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp.hdrs import CONNECTION, X_FORWARDED_FOR
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 __all__ = ["downstream_headers", "upstream_headers"]
 
@@ -35,8 +36,14 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "x-forwarded-for",
     "x-request-id",
 }
+# The same names as a case-insensitive set (multidict has none: a mapping to nothing), so a
+# client's header name is looked up as it is, without lowering a copy of it first.
+_REQUEST_DROP_CI = CIMultiDictProxy(CIMultiDict((name, None) for name in sorted(_REQUEST_DROP)))
 # Recomputed by sidegate for the client (the body is decompressed on the way through).
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
+# Looked up case-insensitively: an istr's folded form is computed once, not on every lookup.
+_RESPONSE_DROP_NAMES = tuple(istr(name) for name in sorted(_RESPONSE_DROP))
+_REQUEST_ID = istr("x-request-id")
 
 
 def upstream_headers(
@@ -50,18 +57,18 @@ def upstream_headers(
     out: CIMultiDict[str] = CIMultiDict()
     add = out.add
     for name, value in client.items():  # a few headers, many names to drop: pick what stays
-        if name.lower() not in _REQUEST_DROP:
+        if name not in _REQUEST_DROP_CI:
             add(name, value)
-    if "Connection" in client:
+    if CONNECTION in client:
         _drop_connection_named(client, out)
     for name, value in auth:
         out[name] = value
-    out["x-request-id"] = request_id
-    forwarded = ", ".join(client.getall("X-Forwarded-For", ()))
+    out[_REQUEST_ID] = request_id
+    forwarded = ", ".join(client.getall(X_FORWARDED_FOR, ()))
     if peer:
         forwarded = f"{forwarded}, {peer}" if forwarded else peer
     if forwarded:
-        out["X-Forwarded-For"] = forwarded
+        out[X_FORWARDED_FOR] = forwarded
     return out
 
 
@@ -69,15 +76,15 @@ def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Headers for the client: the upstream's, less hop-by-hop and what sidegate recomputes."""
     out = CIMultiDict(upstream)
     popall = out.popall
-    for name in _RESPONSE_DROP:  # copy everything, then remove the few names that must go
+    for name in _RESPONSE_DROP_NAMES:  # copy everything, then remove the few names that must go
         popall(name, None)
-    if "Connection" in upstream:
+    if CONNECTION in upstream:
         _drop_connection_named(upstream, out)
     return out
 
 
 def _drop_connection_named(headers: CIMultiDictProxy[str], out: CIMultiDict[str]) -> None:
     """Remove from ``out`` every header the Connection header of ``headers`` names."""
-    for value in headers.getall("Connection", ()):
+    for value in headers.getall(CONNECTION, ()):
         for token in value.split(","):
             out.popall(token.strip().lower(), None)

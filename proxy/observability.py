@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -12,6 +12,8 @@ from prometheus_client.registry import Collector
 from sidegate.middlewares.keys import KeyPools
 
 __all__ = ["LATENCY_BUCKETS", "Metrics"]
+
+_Recorder = tuple[Callable[[], None], Callable[[float], None]]  # count a request, observe latency
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -86,6 +88,9 @@ class Metrics:
             registry=self.registry,
         )
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
+        # The per-request updates, bound once per label pair (the hot path is two dict lookups).
+        self._recorders: dict[tuple[str, int], _Recorder] = {}
+        self._upstream_counters: dict[tuple[str, int], Callable[[], None]] = {}
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
         key = (metric._name, *labels)
@@ -96,11 +101,23 @@ class Metrics:
 
     def record(self, endpoint: str, status: int, latency_s: float) -> None:
         """One answered request (called by the access log middleware)."""
-        self._child(self._requests, endpoint, str(status)).inc()  # type: ignore[attr-defined]
-        self._child(self._latency, endpoint).observe(latency_s)  # type: ignore[attr-defined]
+        recorder = self._recorders.get((endpoint, status))
+        if recorder is None:
+            recorder = self._recorders[(endpoint, status)] = (
+                self._child(self._requests, endpoint, str(status)).inc,  # type: ignore[attr-defined]
+                self._child(self._latency, endpoint).observe,  # type: ignore[attr-defined]
+            )
+        count, observe = recorder
+        count()
+        observe(latency_s)
 
     def upstream_response(self, upstream: str, status: int) -> None:
-        self._child(self._upstream, upstream, str(status)).inc()  # type: ignore[attr-defined]
+        count = self._upstream_counters.get((upstream, status))
+        if count is None:
+            count = self._upstream_counters[(upstream, status)] = self._child(
+                self._upstream, upstream, str(status)
+            ).inc  # type: ignore[attr-defined]
+        count()
 
     def retried(self, failure: str) -> None:
         """RetryObserver: one retry went upstream."""

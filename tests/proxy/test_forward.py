@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sidegate.config.models import SidegateConfig
 from sidegate.proxy.app import create_app
 from sidegate.proxy.mock import Fault
+from sidegate.proxy.state import STATE_KEY
 from tests.conftest import (
     ADMIN,
     ADMIN_KEY,
@@ -237,3 +238,39 @@ async def test_gateway_sessions_are_independent_per_app(
     )
     assert [r.status for r in responses] == [200, 200]
     assert meridian.state.count("/v1/chat/completions") == 2
+
+
+async def test_the_client_user_agent_passes_through_and_none_is_made_up(
+    gateway: Client, meridian: Upstream
+) -> None:
+    await gateway.post("/v1/chat/completions", json=CHAT, headers={"User-Agent": "my-sdk/1.2"})
+    assert meridian.state.received[-1].headers.getall("User-Agent") == ["my-sdk/1.2"]
+    await gateway.post("/v1/chat/completions", json=CHAT, skip_auto_headers=["User-Agent"])
+    assert "User-Agent" not in meridian.state.received[-1].headers
+
+
+async def test_dropped_request_headers_are_matched_whatever_their_case(
+    gateway: Client, meridian: Upstream
+) -> None:
+    response = await gateway.post(
+        "/v1/chat/completions",
+        json=CHAT,
+        headers={"X-API-KEY": "client-x-api-key", "COOKIE": "session=abc", "X-Kept": "yes"},
+    )
+    assert response.status == 200
+    headers = meridian.state.received[-1].headers
+    assert "x-api-key" not in headers
+    assert "cookie" not in headers
+    assert headers["X-Kept"] == "yes"
+
+
+async def test_a_gateway_without_a_config_answers_503_not_ready(gateway: Client) -> None:
+    state = gateway.app[STATE_KEY]
+    active, state.active = state.active, None
+    try:
+        response = await gateway.post("/v1/chat/completions", json=CHAT)
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "not_ready"
+        assert (await gateway.get("/healthz")).status == 200  # bypasses the policies
+    finally:
+        state.active = active

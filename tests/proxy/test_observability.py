@@ -181,3 +181,16 @@ def test_the_metrics_read_as_prometheus_client_would_write_them() -> None:
     theirs = timeless(generate_latest(registry).decode())
     assert ours.startswith(theirs)
     assert "sidegate_streams_in_flight" in ours[len(theirs) :]
+
+
+def test_repeated_requests_add_up_per_label_pair() -> None:
+    metrics = Metrics()
+    for status in (200, 200, 503):
+        metrics.record("/v1/chat/completions", status, 0.002)
+        metrics.upstream_response("meridian", status)
+    text = metrics.render().decode()
+    assert 'sidegate_requests_total{endpoint="/v1/chat/completions",status="200"} 2.0' in text
+    assert 'sidegate_requests_total{endpoint="/v1/chat/completions",status="503"} 1.0' in text
+    assert 'sidegate_request_duration_seconds_count{endpoint="/v1/chat/completions"} 3.0' in text
+    assert 'sidegate_upstream_responses_total{status="200",upstream="meridian"} 2.0' in text
+    assert 'sidegate_upstream_responses_total{status="503",upstream="meridian"} 1.0' in text
