@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from sidegate.middlewares.store import (
     BudgetHold,
     BudgetStatus,
     LedgerEntry,
+    Meter,
     Scope,
     Settlement,
     Stores,
@@ -64,6 +66,21 @@ async def ledger(stores: Stores, team: str = "search") -> list[LedgerEntry]:
     return await stores.ledger.query(team, EPOCH, FAR)
 
 
+class Counting:
+    """A meter that counts the admissions it passes to ``inner``."""
+
+    def __init__(self, inner: Meter) -> None:
+        self.inner = inner
+        self.admissions = 0
+
+    async def admit(self, *args: Any) -> Admission:
+        self.admissions += 1
+        return await self.inner.admit(*args)
+
+    async def settle(self, settlement: Settlement) -> bool:
+        return await self.inner.settle(settlement)
+
+
 @pytest.fixture
 async def leased(stores: Stores, clock: FakeClock) -> AsyncIterator[LeasedMeter]:
     """A leased meter on every backend (the memory one stands for a store of its own)."""
@@ -91,21 +108,13 @@ async def test_settlements_reach_the_store_in_one_batch(
 
 
 async def test_one_lease_serves_many_requests(stores: Stores, clock: FakeClock) -> None:
-    asked: list[int] = []
+    counting = Counting(stores.meter)
 
-    class Counting:
-        async def admit(self, *args: object) -> Admission:
-            asked.append(1)
-            return await stores.meter.admit(*args)  # type: ignore[arg-type]
-
-        async def settle(self, settlement: Settlement) -> bool:
-            return await stores.meter.settle(settlement)
-
-    meter = LeasedMeter(Counting(), batch_s=BATCH, clock=clock)
+    meter = LeasedMeter(counting, batch_s=BATCH, clock=clock)
     for i in range(LEASE_REQUESTS):
         assert (await meter.admit((), (hold(10**9, 10),), f"r{i}", TTL)).admitted
 
-    assert len(asked) == 1
+    assert counting.admissions == 1
     assert await stores.budgets.status(TEAM, MONTH) == BudgetStatus(0, 10 * LEASE_REQUESTS)
     await meter.close()
 
@@ -113,17 +122,9 @@ async def test_one_lease_serves_many_requests(stores: Stores, clock: FakeClock) 
 async def test_a_released_request_gives_its_share_back_to_the_lease(
     stores: Stores, clock: FakeClock
 ) -> None:
-    asked: list[int] = []
+    counting = Counting(stores.meter)
 
-    class Counting:
-        async def admit(self, *args: object) -> Admission:
-            asked.append(1)
-            return await stores.meter.admit(*args)  # type: ignore[arg-type]
-
-        async def settle(self, settlement: Settlement) -> bool:
-            return await stores.meter.settle(settlement)
-
-    meter = LeasedMeter(Counting(), batch_s=BATCH, clock=clock)
+    meter = LeasedMeter(counting, batch_s=BATCH, clock=clock)
     hit = WindowHit(TEAM, "requests", 10**9, 1)
     first = await meter.admit((hit,), (hold(10**9, 10),), "r0", TTL)
     start = first.windows[0].window_start
@@ -134,7 +135,7 @@ async def test_a_released_request_gives_its_share_back_to_the_lease(
     for i in range(1, LEASE_REQUESTS + 1):
         assert (await meter.admit((hit,), (hold(10**9, 10),), f"r{i}", TTL)).admitted
 
-    assert len(asked) == 2  # one lease of the window, one of the budget
+    assert counting.admissions == 2  # one lease of the window, one of the budget
     await meter.close()
 
 
