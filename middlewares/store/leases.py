@@ -5,26 +5,30 @@ Redis that several processes use). Instead of asking the store about every reque
 takes a **lease** — a slice of a budget (a reservation of its own in the store) or a number of
 slots of a rate window (counted in the store) — and admits requests from it in memory. What the
 requests cost is written every ``batch_s`` seconds: each lease is committed at the sum of the
-costs of the requests it admitted, with their ledger entries, in one settlement, which also gives
-back what the lease did not use. A lease stops admitting after ``batch_s``, when the next one is
-taken.
+costs of the requests it admitted, with their ledger entries, which also gives back what the lease
+did not use. A lease that runs short grows by another slice (its own reservation: a budget lease
+is one or more of them, committed and released together); it stops admitting after ``batch_s``,
+when the next one is taken.
 
 What holds, and what changes, against a meter that asks the store about every request:
 
 - **No overspend, across processes.** The store admits a lease only within the budget, like any
   reservation, and a process admits a request only within its leases; so the spend of a period
   stays within its limit as before (with the same documented exception: a request that costs more
-  than its estimate). A lease is at most :data:`LEASE_REQUESTS` requests' worth and at most a
+  than its estimate). A slice is at most :data:`LEASE_REQUESTS` requests' worth and at most a
   quarter of what the store said was left, so near the limit the slices shrink; a request is
-  still refused only when the store cannot reserve even its own estimate.
+  refused only when the store cannot reserve even what its own estimate lacks. Another process
+  may hold the rest in an unused slice, though, for up to ``batch_s``.
 - **Rate windows** are leased the same way (at most a sixteenth of the limit at a time); slots a
-  process leased and did not use are not given back before the window ends, so another process
-  may be refused while this one holds unused slots. The ``x-ratelimit-*`` figures a process
-  reports are the store's count at its last lease plus its own use since.
+  process leased and did not use (or got back from a correction) serve only that process until
+  the window ends, so another process may be refused while this one holds unused slots. The
+  ``x-ratelimit-*`` figures a process reports are the store's count at its last lease plus its
+  own use since.
 - **Durability.** A request's cost reaches the store within about ``batch_s`` of its end, not
   before its answer; if the process dies, the spend not yet written is lost (under-counted) and its
-  leases stay reserved until their time to live runs out (the reservation TTL plus ``batch_s``).
-  Closing the meter (at shutdown) writes everything.
+  leases stay reserved until their time to live runs out (the reservation TTL plus ``batch_s``
+  and a second). Closing the meter (at shutdown) writes everything. A team's and a key's lease
+  are written in two settlements, not one transaction.
 - **Reports** (``/admin/budgets``, ``sidegate usage``) read the store: spend and the ledger lag by
   up to ``batch_s``, and a budget's ``reserved`` includes the leases.
 
