@@ -67,6 +67,8 @@ _TOKEN_KINDS = frozenset({"chat", "complete", "embeddings", "passthrough"})
 _PROMPT_FIELDS = ("messages", "tools", "functions", "tool_choice", "response_format")
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
 _MAX_EVENT = 1 << 20
+_UNREAD_MAX = 1 << 14  # bytes of events a stream keeps to count later (see SseUsage)
+_UNREAD_OVERHEAD = 64  # what keeping one costs beyond its bytes, about
 
 
 class PricingError(SidegateError):
@@ -352,18 +354,26 @@ def usage_from_response(
     raise ValueError(f"no usage in an endpoint of kind {kind!r}")
 
 
-def _event_json(event: bytes) -> Any:
+def _event_data(event: bytes) -> bytes:
+    """The data of one SSE event: its ``data:`` lines joined, each less one leading space."""
     if event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2:
-        data = event[6:-2]  # the usual event: one data line (the general case below agrees)
-    else:
-        lines = [line for line in event.splitlines() if line.startswith(b"data:")]
-        data = b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
-    if not data or data.strip() == b"[DONE]":
-        return None
+        return event[6:-2]  # the usual event: one data line (the general case below agrees)
+    lines = [line for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
+
+
+def _data_json(data: bytes) -> Any:
+    """The JSON document ``data`` holds, else None (``[DONE]``, empty, not JSON)."""
+    if not data or data == b"[DONE]":
+        return None  # only a shortcut: neither is JSON
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
+
+
+def _event_json(event: bytes) -> Any:
+    return _data_json(_event_data(event))
 
 
 def is_usage_only_event(event: bytes) -> bool:
@@ -381,26 +391,62 @@ class SseUsage:
 
     :meth:`feed` when the client sees the stream unchanged; :meth:`strip` (then :meth:`flush`)
     when the usage-only chunk must be hidden from it. Only an incomplete event is held.
+
+    The text counts (:attr:`text_bytes`, :attr:`text_deltas`) are read only when a stream ends
+    without its usage or is cut short, so an event that cannot carry a usage (see
+    :meth:`_take`) is kept unread, up to :data:`_UNREAD_MAX` bytes a stream, and its text is
+    counted when the counts are asked for or that bound is reached: a stream whose usage
+    arrives is mostly never parsed at all. The counts are the same either way.
     """
 
     def __init__(self) -> None:
         self._tail = b""
         self.usage: Usage | None = None
-        self.text_bytes = 0
-        self.text_deltas = 0
+        self._text_bytes = 0
+        self._text_deltas = 0
+        self._unread: list[bytes] = []
+        self._unread_size = 0
+
+    @property
+    def text_bytes(self) -> int:
+        """UTF-8 bytes of the text streamed so far (``content`` and ``tool_calls`` bound)."""
+        if self._unread:
+            self._read_unread()
+        return self._text_bytes
+
+    @property
+    def text_deltas(self) -> int:
+        """Deltas so far that carried any text."""
+        if self._unread:
+            self._read_unread()
+        return self._text_deltas
 
     def feed(self, chunk: bytes) -> Usage | None:
         """Read ``chunk``; the final usage once it has been seen, else None."""
-        for event in self._events(chunk):
-            self._read(event)
+        data = chunk[6:-2]
+        if (
+            self._tail
+            or not (chunk.startswith(b"data: ") and chunk.endswith(b"\n\n"))
+            or 10 in data
+        ):
+            for event in self._events(chunk):
+                self._take(_event_data(event))
+        else:  # the usual chunk, see strip
+            self._take(data)
         return self.usage
 
     def strip(self, chunk: bytes) -> bytes:
         """Read ``chunk``; the complete events in it to forward, without the usage-only one."""
-        events = self._events(chunk)
-        if len(events) == 1:
-            return b"" if self._read(events[0]) else events[0]
-        return b"".join([e for e in events if not self._read(e)])
+        data = chunk[6:-2]
+        if (
+            self._tail
+            or not (chunk.startswith(b"data: ") and chunk.endswith(b"\n\n"))
+            or 10 in data
+        ):
+            return b"".join([e for e in self._events(chunk) if not self._take(_event_data(e))])
+        # The usual chunk: one whole event, one "data: " line (no newline but the last two);
+        # _events makes it the one event ``chunk``, _event_data its data ``chunk[6:-2]``.
+        return b"" if self._take(data) else chunk
 
     def flush(self) -> bytes:
         """At the end of the stream: the incomplete event :meth:`strip` held back."""
@@ -428,20 +474,57 @@ class SseUsage:
             self._tail = b""
         return events
 
-    def _read(self, event: bytes) -> bool:
-        parsed = _event_json(event)
+    def _take(self, data: bytes) -> bool:
+        """Read one event's ``data`` now, or keep it to count its text later; whether it is the
+        usage-only event.
+
+        Without a backslash (byte 92) no string in ``data`` can hold a quote or spell a key with
+        escapes, so in valid JSON every quote delimits a string and each ``"usage"`` in the bytes
+        is the whole string ``usage`` (a ``"`` closing another string cannot be followed by
+        ``usage``); every key ``usage`` is one of them. When each is followed by ``:null``
+        (the counts match), every ``usage`` in the document is null, or ``data`` is no JSON at
+        all: the event is not the usage one and leaves :attr:`usage` as it is; only its text
+        remains to be counted, and that can wait.
+        """
+        if 92 in data or data.count(b'"usage"') != data.count(b'"usage":null'):  # 92: "\\"
+            return self._read_data(data)
+        self._unread.append(data)
+        self._unread_size += len(data) + _UNREAD_OVERHEAD
+        if self._unread_size > _UNREAD_MAX:
+            self._read_unread()
+        return False
+
+    def _read_unread(self) -> None:
+        unread, self._unread, self._unread_size = self._unread, [], 0
+        for data in unread:
+            self._read_data(data)
+
+    def _read_data(self, data: bytes) -> bool:
+        """Count the text of one event's ``data``, note its usage; whether it is usage-only.
+
+        Every delta adds the UTF-8 bytes of its ``content`` and :func:`_text_bound` of its
+        ``tool_calls``; one that adds any is a text delta. The ``content`` string, the common
+        case, is measured inline: what :func:`_text_bound` would return for it.
+        """
+        parsed = _data_json(data)
         if not isinstance(parsed, dict):
             return False
         choices = parsed.get("choices")
-        for choice in choices if isinstance(choices, list) else ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if not isinstance(delta, dict):
-                continue
-            text = _text_bound(delta.get("content") or "")
-            if delta.get("tool_calls"):
-                text += _text_bound(delta["tool_calls"])
-            self.text_bytes += text
-            self.text_deltas += int(text > 0)
+        if isinstance(choices, list):
+            for choice in choices:
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if not isinstance(delta, dict):
+                    continue
+                content = delta.get("content")
+                if isinstance(content, str):
+                    text = len(content) if content.isascii() else len(content.encode())
+                else:
+                    text = _text_bound(content or "")
+                if delta.get("tool_calls"):
+                    text += _text_bound(delta["tool_calls"])
+                if text:
+                    self._text_bytes += text
+                    self._text_deltas += 1
         usage = parsed.get("usage")
         if usage is None:
             return False
