@@ -33,7 +33,8 @@ What holds, and what changes, against a meter that asks the store about every re
   up to ``batch_s``, and a budget's ``reserved`` includes the leases.
 
 A settlement for a reservation this meter did not admit (one admitted before a restart, say) goes
-to the store as it is.
+to the store as it is. So does one repeated after :data:`_SETTLED_MEMORY` later settlements: it
+would be charged again.
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ _ROUNDS = 8
 """Leases one admission may take (each used up by concurrent ones before it could use it) before
 it goes to the store directly, as without leases."""
 
-_SETTLED_MEMORY = 100_000
-"""How many settled reservation ids are remembered, so that a repeated settlement is a no-op."""
+_SETTLED_MEMORY = 10_000
+"""How many settled reservation ids are remembered, so that a repeated settlement is a no-op
+(about 170 bytes each). The limits policy settles each request once (a commit is retried only
+when the store refused it, and this meter's settlements never reach the store)."""
 
 
 @dataclass(slots=True, eq=False)
