@@ -30,7 +30,6 @@ from sidegate.middlewares.ratelimit_headers import ratelimit_headers_middleware
 from sidegate.middlewares.retry import RetryBudget, retry_middleware
 from sidegate.middlewares.store import REDIS_DEFAULTS
 
-from .mock import start_mock
 from .routing import route_middleware
 from .runtime import Runtime, build_runtime
 from .state import STATE_KEY, Active, GatewayState, HeldCache
@@ -111,6 +110,8 @@ async def activate(app: web.Application, config: SidegateConfig) -> None:
     state = app[STATE_KEY]
     for name, upstream in config.upstreams.items():
         if upstream.mock and name not in state.mock_urls:
+            from .mock import start_mock  # only for `mock: true` upstreams: ~15 MB not held
+
             runner, url, _ = await start_mock(upstream.kind)
             state.mock_runners.append(runner)
             state.mock_urls[name] = url
