@@ -1,0 +1,51 @@
+#!/bin/bash
+# Instructions per request of one proxy, counted by valgrind (callgrind): steadier than CPU time
+# on a noisy machine (repeats to about 0.5%), though it leaves out the kernel's work.
+#
+#   bench/instructions.sh passthrough|bare|full|CONFIG.yaml [N [C [stream]]]
+#
+# Starts the benchmark's mock upstream (CPU 1) and the proxy under callgrind (CPU 0), sends 300
+# requests to warm up, counts the next N (default 400) at concurrency C (default 16), and prints
+# instructions per request. bare runs bench/configs/bare.yaml at --log-level warning; full runs
+# full.yaml with limits.yaml merged in, at info; LOGLEVEL overrides. Needs valgrind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TARGET=$1; N=${2:-400}; C=${3:-16}; STREAM=${4:-}
+PY=.venv/bin/python
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+PORT=$((20000 + RANDOM % 5000)); UP=$((25000 + RANDOM % 5000))
+export BENCH_UPSTREAM=http://127.0.0.1:$UP BENCH_DB=$WORK/db.sqlite
+BENCH_KEY_HASH=sha256:$($PY -c "import hashlib; from bench.workloads import BENCH_KEY; print(hashlib.sha256(BENCH_KEY.encode()).hexdigest())")
+export BENCH_KEY_HASH
+case $TARGET in
+  passthrough) COMMAND=($PY -m bench.passthrough --port "$PORT" --upstream "$BENCH_UPSTREAM") ;;
+  bare) COMMAND=(.venv/bin/sidegate serve --config bench/configs/bare.yaml --port "$PORT"
+                 --log-level "${LOGLEVEL:-warning}" --log-format json) ;;
+  full) $PY -c "
+import sys, yaml
+from bench.sidegate_setup import deep_merge, _load
+yaml.safe_dump(deep_merge(_load('full.yaml'), _load('limits.yaml')), open(sys.argv[1], 'w'), sort_keys=False)
+" "$WORK/full.yaml"
+        COMMAND=(.venv/bin/sidegate serve --config "$WORK/full.yaml" --port "$PORT"
+                 --log-level "${LOGLEVEL:-info}" --log-format json) ;;
+  *) COMMAND=(.venv/bin/sidegate serve --config "$TARGET" --port "$PORT"
+              --log-level "${LOGLEVEL:-info}" --log-format json) ;;
+esac
+taskset -c 1 $PY -m bench.upstream --port "$UP" >"$WORK/upstream.log" 2>&1 &
+taskset -c 0 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg.out" \
+  "${COMMAND[@]}" >"$WORK/proxy.log" 2>&1 &
+PROXY=$!
+for _ in $(seq 1 300); do
+  curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break
+  sleep 0.2
+done
+URL=http://127.0.0.1:$PORT/v1/chat/completions
+taskset -c 1 $PY -m bench.fixed_load "$URL" 300 "$C" $STREAM
+callgrind_control -i on $PROXY >/dev/null
+taskset -c 1 $PY -m bench.fixed_load "$URL" "$N" "$C" $STREAM
+callgrind_control -d $PROXY >/dev/null
+callgrind_control -i off $PROXY >/dev/null  # what runs after the dump (shutdown) is not counted
+kill $PROXY; wait $PROXY 2>/dev/null || true
+TOTAL=$(grep -h "^summary:\|^totals:" "$WORK"/cg.out* | awk '{s += $2} END {print s}')
+echo "$TARGET: $((TOTAL / N)) instructions per request ($N requests, concurrency $C${STREAM:+, streamed})"
