@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
@@ -192,3 +195,16 @@ async def redis_database(db: int) -> AsyncIterator[str]:
     finally:
         await client.flushdb()
         await client.aclose()
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """A buffer to pass to ``configure_logging(stream=...)``; structlog's and the root logger's
+    configuration are put back afterwards."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    buffer = io.StringIO()
+    yield buffer
+    structlog.reset_defaults()
+    root.handlers[:], level = saved
+    root.setLevel(level)

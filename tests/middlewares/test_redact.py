@@ -6,7 +6,7 @@ import io
 import logging
 import random
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -186,17 +186,6 @@ def test_the_same_mutable_collection_changed_in_place_counts_at_once() -> None:
     assert SECRET in renderer(None, "info", {"event": SECRET})
     held.add(SECRET)
     assert SECRET not in renderer(None, "info", {"event": SECRET})
-
-
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    buffer = io.StringIO()
-    yield buffer
-    structlog.reset_defaults()
-    root.handlers[:], level = saved
-    root.setLevel(level)
 
 
 def lines(output: io.StringIO) -> list[dict[str, Any]]:

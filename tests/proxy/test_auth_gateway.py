@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import logging
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -149,17 +147,6 @@ async def test_expired_and_disabled_keys_are_refused(
     response = await gateway.post("/v1/chat/completions", json=CHAT, headers=SEARCH)
     assert response.status == 401
     assert message in (await response.json())["error"]["message"]
-
-
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    buffer = io.StringIO()
-    yield buffer
-    structlog.reset_defaults()
-    root.handlers[:], level = saved
-    root.setLevel(level)
 
 
 async def test_a_debug_cycle_with_upstream_errors_logs_no_secret(

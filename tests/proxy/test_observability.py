@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import io
-import logging
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
-import pytest
-import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -105,17 +101,6 @@ async def test_the_access_line_carries_usage_and_cost_when_the_model_is_priced(
     # $1 and $2 per 1M tokens are 1,000 and 2,000 nano-USD per token: no rounding involved.
     expected = usage["prompt_tokens"] * 1000 + usage["completion_tokens"] * 2000
     assert line["cost_nano_usd"] == expected
-
-
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    buffer = io.StringIO()
-    yield buffer
-    structlog.reset_defaults()
-    root.handlers[:], level = saved
-    root.setLevel(level)
 
 
 async def test_below_info_no_access_line_is_built_and_metrics_still_count(
