@@ -100,11 +100,11 @@ class _Lease:
 
 @dataclass(slots=True, eq=False)
 class _Budget:
-    """One budget's leases: the one admitting now, and those waiting to be written."""
+    """One budget's leases: the one admitting now, and those waiting to be written; ``spent`` and
+    ``reserved`` are what the store last said, updated for the leases written since."""
 
     scope: Scope
     period: str
-    limit: int
     spent: int = 0
     reserved: int = 0
     current: _Lease | None = None
@@ -267,7 +267,7 @@ class LeasedMeter:
         if isinstance(need, WindowHit):
             return self._windows.setdefault((need.scope, need.name, need.window_s), _Window())
         key = (need.scope, need.period)
-        return self._budgets.setdefault(key, _Budget(need.scope, need.period, need.limit_nano))
+        return self._budgets.setdefault(key, _Budget(need.scope, need.period))
 
     async def _lease(
         self, need: _Need, state: _Window | _Budget, ttl_s: float
@@ -315,7 +315,6 @@ class LeasedMeter:
         short = amount - lease.free if lease is not None else amount
         left = hold.limit_nano - budget.spent - budget.reserved
         want = max(short, min(amount * LEASE_REQUESTS, left // 4))
-        budget.limit = hold.limit_nano
         for size in dict.fromkeys((want, short)):
             slice_id = f"lease:{uuid.uuid4().hex}"
             slice_ = BudgetHold(hold.scope, hold.period, hold.limit_nano, size)
