@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
-from .contract import CALL_KEY, REQUEST_ID_KEY
+from .contract import CALL_KEY, REQUEST_ID_KEY, Call
 
 __all__ = ["RequestObserver", "access_log_middleware", "add_request_id", "stamp_request_id"]
 
@@ -80,19 +80,7 @@ def _enabled(logger: Any) -> bool:
 
 def _log(logger: Any, request: web.Request, request_id: str, status: int, latency: float) -> None:
     call = request.get(CALL_KEY)
-    if call is None:
-        logger.info(
-            "request",
-            request_id=request_id,
-            method=request.method,
-            path=request.path,
-            status=status,
-            latency_ms=round(latency * 1000.0, 3),
-        )
-        return
-    route = call.route
-    upstream_ms = call.upstream_latency_ms
-    principal = call.principal
+    routed = _routed_fields(call) if call is not None else {}
     logger.info(
         "request",
         request_id=request_id,
@@ -100,21 +88,31 @@ def _log(logger: Any, request: web.Request, request_id: str, status: int, latenc
         path=request.path,
         status=status,
         latency_ms=round(latency * 1000.0, 3),
-        upstream=route.upstream,
-        model=route.public_model,
-        upstream_model=route.upstream_model,
-        team=principal.team if principal is not None else None,
-        stream=call.stream,
-        attempts=call.attempts,
-        upstream_key=call.upstream_key_id,
-        upstream_status=call.upstream_status,
-        upstream_latency_ms=round(upstream_ms, 3) if upstream_ms is not None else None,
-        cache=call.cache_status,
-        cost_nano_usd=call.cost_nano_usd,
-        usage=call.usage,
-        bytes_in=len(call.body),
-        bytes_out=call.bytes_out,
+        **routed,
     )
+
+
+def _routed_fields(call: Call) -> dict[str, Any]:
+    """What the access line adds for a request routing made a Call for."""
+    route = call.route
+    upstream_ms = call.upstream_latency_ms
+    principal = call.principal
+    return {
+        "upstream": route.upstream,
+        "model": route.public_model,
+        "upstream_model": route.upstream_model,
+        "team": principal.team if principal is not None else None,
+        "stream": call.stream,
+        "attempts": call.attempts,
+        "upstream_key": call.upstream_key_id,
+        "upstream_status": call.upstream_status,
+        "upstream_latency_ms": round(upstream_ms, 3) if upstream_ms is not None else None,
+        "cache": call.cache_status,
+        "cost_nano_usd": call.cost_nano_usd,
+        "usage": call.usage,
+        "bytes_in": len(call.body),
+        "bytes_out": call.bytes_out,
+    }
 
 
 async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
