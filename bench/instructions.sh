@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 TARGET=$1; N=${2:-400}; C=${3:-16}; STREAM=${4:-}
 PY=.venv/bin/python
 WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp "$WORK"/cg.out* "$KEEP"/ ; rm -rf "$WORK"' EXIT
 PORT=$((20000 + RANDOM % 5000)); UP=$((25000 + RANDOM % 5000))
 export BENCH_UPSTREAM=http://127.0.0.1:$UP BENCH_DB=$WORK/db.sqlite
 BENCH_KEY_HASH=sha256:$($PY -c "import hashlib; from bench.workloads import BENCH_KEY; print(hashlib.sha256(BENCH_KEY.encode()).hexdigest())")

@@ -66,6 +66,7 @@ _ITEM_OVERHEAD = 2
 _TOKEN_KINDS = frozenset({"chat", "complete", "embeddings", "passthrough"})
 _PROMPT_FIELDS = ("messages", "tools", "functions", "tool_choice", "response_format")
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
+_USAGE_SET = re.compile(rb'"usage"(?!:null)')  # a usage that may not be null
 _MAX_EVENT = 1 << 20
 _UNREAD_MAX = 1 << 14  # bytes of events a stream keeps to count later (see SseUsage)
 _UNREAD_OVERHEAD = 64  # what keeping one costs beyond its bytes, about
@@ -404,25 +405,31 @@ class SseUsage:
         self.usage: Usage | None = None
         self._text_bytes = 0
         self._text_deltas = 0
-        self._unread: list[bytes] = []
+        self._unread: list[bytes] = []  # events' data
+        self._unread_chunks: list[bytes] = []  # whole chunks of complete events
         self._unread_size = 0
 
     @property
     def text_bytes(self) -> int:
         """UTF-8 bytes of the text streamed so far (``content`` and ``tool_calls`` bound)."""
-        if self._unread:
+        if self._unread or self._unread_chunks:
             self._read_unread()
         return self._text_bytes
 
     @property
     def text_deltas(self) -> int:
         """Deltas so far that carried any text."""
-        if self._unread:
+        if self._unread or self._unread_chunks:
             self._read_unread()
         return self._text_deltas
 
     def feed(self, chunk: bytes) -> Usage | None:
         """Read ``chunk``; the final usage once it has been seen, else None."""
+        cut = self._clean_head(chunk)
+        if cut:
+            if cut == len(chunk):
+                return self.usage
+            chunk = chunk[cut:]
         data = chunk[6:-2]
         if (
             self._tail
@@ -437,6 +444,14 @@ class SseUsage:
 
     def strip(self, chunk: bytes) -> bytes:
         """Read ``chunk``; the complete events in it to forward, without the usage-only one."""
+        cut = self._clean_head(chunk)
+        if cut:
+            if cut == len(chunk):
+                return chunk
+            return chunk[:cut] + self._strip(chunk[cut:])
+        return self._strip(chunk)
+
+    def _strip(self, chunk: bytes) -> bytes:
         data = chunk[6:-2]
         if (
             self._tail
@@ -447,6 +462,41 @@ class SseUsage:
         # The usual chunk: one whole event, one "data: " line (no newline but the last two);
         # _events makes it the one event ``chunk``, _event_data its data ``chunk[6:-2]``.
         return b"" if self._take(data) else chunk
+
+    def _clean_head(self, chunk: bytes) -> int:
+        """How many bytes at the start of ``chunk`` are whole events that cannot carry a usage
+        (see :meth:`_take`), now kept unread together; 0 when none, or when in doubt.
+
+        The head ends at the last event end (``\\n\\n``) before the first ``"usage"`` not
+        followed by ``:null``; it holds no backslash and no carriage return, so its events end
+        where ``\\n\\n`` is found, and the one it ends with is an event end of ``chunk`` as
+        :meth:`_events` finds them: nothing is held before it, and the newline before it is
+        not a third one in a row. :meth:`_take`'s test holds for each event of the head: no
+        ``"usage"`` in it is followed by anything but ``:null`` (neither spans a newline), and
+        an event's data is some of its lines less their ``data:`` prefixes (which hold no
+        quote), joined by newlines.
+        """
+        if self._tail:
+            return 0
+        if 92 in chunk or 13 in chunk:  # 92: "\\", 13: "\r"
+            usage = _USAGE_SET.search(chunk)
+            end = len(chunk) if usage is None else usage.start()
+            cut = chunk.rfind(b"\n\n", 0, end) + 2
+            if chunk.find(b"\\", 0, cut) >= 0 or chunk.find(b"\r", 0, cut) >= 0:
+                return 0
+        elif chunk.count(b'"usage"') == chunk.count(b'"usage":null'):
+            cut = chunk.rfind(b"\n\n") + 2
+        else:
+            usage = _USAGE_SET.search(chunk)
+            assert usage is not None
+            cut = chunk.rfind(b"\n\n", 0, usage.start()) + 2
+        if cut < 3 or chunk[cut - 3] == 10:  # three newlines in a row: leave it to _events
+            return 0
+        self._unread_chunks.append(chunk[:cut] if cut < len(chunk) else chunk)
+        self._unread_size += cut + _UNREAD_OVERHEAD
+        if self._unread_size > _UNREAD_MAX:
+            self._read_unread()
+        return cut
 
     def flush(self) -> bytes:
         """At the end of the stream: the incomplete event :meth:`strip` held back."""
@@ -462,13 +512,23 @@ class SseUsage:
         return self.usage or Usage(prompt_tokens, self.completion_tokens_estimate())
 
     def _events(self, chunk: bytes) -> list[bytes]:
-        if not self._tail and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2:
+        if (
+            not self._tail
+            and chunk.endswith(b"\n\n")
+            and chunk.find(b"\n\n") == len(chunk) - 2
+            and b"\r\n\r\n" not in chunk
+        ):
             return [chunk]  # the usual chunk: one whole event (the general case below agrees)
-        data, start, events = self._tail + chunk, 0, []
-        for end in _EVENT_END.finditer(data):
-            events.append(data[start : end.end()])
-            start = end.end()
-        self._tail = data[start:]
+        data = self._tail + chunk
+        if 13 in data:  # a carriage return: an event may end with "\r\n\r\n"
+            start, events = 0, []
+            for end in _EVENT_END.finditer(data):
+                events.append(data[start : end.end()])
+                start = end.end()
+            self._tail = data[start:]
+        else:  # what _EVENT_END finds, found faster
+            *ended, self._tail = data.split(b"\n\n")
+            events = [event + b"\n\n" for event in ended]
         if len(self._tail) > _MAX_EVENT:  # not SSE as we know it: pass it on unread
             events.append(self._tail)
             self._tail = b""
@@ -496,8 +556,12 @@ class SseUsage:
 
     def _read_unread(self) -> None:
         unread, self._unread, self._unread_size = self._unread, [], 0
+        chunks, self._unread_chunks = self._unread_chunks, []
         for data in unread:
             self._read_data(data)
+        for chunk in chunks:  # whole events, without a carriage return
+            for event in chunk.split(b"\n\n")[:-1]:
+                self._read_data(_event_data(event + b"\n\n"))
 
     def _read_data(self, data: bytes) -> bool:
         """Count the text of one event's ``data``, note its usage; whether it is usage-only.

@@ -84,7 +84,14 @@ class Reference:
         return tail
 
     def _events(self, chunk: bytes) -> list[bytes]:
-        if not self._tail and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2:
+        # As first written, less one bug: a chunk ending in "\n\n" with a "\r\n\r\n" event end
+        # before it was taken for one event.
+        if (
+            not self._tail
+            and chunk.endswith(b"\n\n")
+            and chunk.find(b"\n\n") == len(chunk) - 2
+            and b"\r\n\r\n" not in chunk
+        ):
             return [chunk]
         data, start, events = self._tail + chunk, 0, []
         for end in _EVENT_END.finditer(data):
@@ -183,7 +190,7 @@ _DATA = [
 
 def _event(data: bytes, rng: random.Random) -> bytes:
     """One SSE event of ``data``, framed one of the ways a stream may frame it."""
-    shape = rng.randrange(8)
+    shape = rng.randrange(9)
     if shape == 0:
         return b"data: " + data + b"\r\n\r\n"
     if shape == 1:
@@ -195,6 +202,8 @@ def _event(data: bytes, rng: random.Random) -> bytes:
         return b": keep-alive\nevent: message\ndata: " + data + b"\n\n"
     if shape == 4:
         return b"data: " + data + b"\r\n\r\n" + b": ping\n\n"
+    if shape == 5:  # a blank line first: three or four newlines in a row
+        return b"\n" * rng.randrange(1, 3) + b"data: " + data + b"\n\n"
     return b"data: " + data + b"\n\n"
 
 
