@@ -1,11 +1,14 @@
 """``python -m bench.embeddings_cache``: a fully cached 16-item embeddings request vs forwarding it.
 
 Runs the built-in mock Meridian (``sidegate mock meridian``, whose vectors are per item) and
-``sidegate serve`` with the in-process embeddings cache, each pinned to its own CPU, and sends the
-same 16 × 1536-dimension request sequentially: first with ``Cache-Control: no-store`` (every item
-forwarded, nothing cached), then again after one warming request (every item a hit). It prints, per
-case, the gateway process's CPU milliseconds per request (``/proc`` utime + stime) and the client's
-p50 / p99 latency, for both ``encoding_format`` values; and the bytes the cache holds per vector.
+``sidegate serve`` with the in-process embeddings cache, each pinned to its own CPU, and sends a
+16 × 1536-dimension request sequentially: first with ``Cache-Control: no-store`` (every item
+forwarded, nothing cached), then again after one warming request in the same format (every item a
+hit), then after one warming request in the other format (a hit on a vector kept the other way).
+It does so for both ``encoding_format`` values, with the gateway keeping float answers each way
+(``cache.embeddings.float_answers``: ``text``, the default, and ``float32``), and prints per case
+the gateway process's CPU milliseconds per request (``/proc`` utime + stime), the client's p50 /
+p99 latency, and the bytes the cache holds per vector in each form.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def _port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _config(upstream: int, port: int) -> dict[str, object]:
+def _config(upstream: int, port: int, float_answers: str) -> dict[str, object]:
     from sidegate.middlewares.api_keys import hash_key
 
     return {
@@ -56,15 +59,17 @@ def _config(upstream: int, port: int) -> dict[str, object]:
         "auth": {"api_keys": [{"id": "bench", "team": "bench", "hash": hash_key(KEY)}]},
         "teams": {"bench": {}},
         "retry": {"max_attempts": 1},
-        "cache": {"embeddings": {"ttl_s": 3600}},
+        "cache": {"embeddings": {"ttl_s": 3600, "float_answers": float_answers}},
     }
 
 
 @contextlib.asynccontextmanager
-async def _processes(directory: Path, pin: bool) -> AsyncIterator[tuple[str, int]]:
+async def _processes(
+    directory: Path, pin: bool, float_answers: str
+) -> AsyncIterator[tuple[str, int]]:
     upstream, port = _port(), _port()
     config = directory / "sidegate.yaml"
-    config.write_text(yaml.safe_dump(_config(upstream, port)))
+    config.write_text(yaml.safe_dump(_config(upstream, port, float_answers)))
     pin_mock = ["taskset", "-c", "1"] if pin else []
     pin_gate = ["taskset", "-c", "0"] if pin else []
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
@@ -84,15 +89,20 @@ async def _processes(directory: Path, pin: bool) -> AsyncIterator[tuple[str, int
     try:
         url = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 30
-            while True:
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"{url}/readyz") as response:
-                        if response.status == 200:
-                            break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("sidegate did not become ready")
-                await asyncio.sleep(0.1)
+            # Both must listen: the gateway is ready before the mock may be (was a 502 at times).
+            for ready, name in (
+                (f"{url}/readyz", "sidegate"),
+                (f"http://127.0.0.1:{upstream}/", "the mock"),
+            ):
+                deadline = time.monotonic() + 30
+                while True:
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with session.get(ready) as response:
+                            if response.status < 500:
+                                break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{name} did not become ready")
+                    await asyncio.sleep(0.1)
         yield url, gate.pid
     finally:
         for proc in (gate, mock):
@@ -106,15 +116,17 @@ async def _case(
     url: str,
     pid: int,
     body: dict[str, object],
-    cached: bool,
+    warm: dict[str, object] | None,
     n: int,
 ) -> dict[str, float | None]:
+    """``n`` requests of ``body``: forwarded (``warm`` None), else hits after ``warm``."""
+    cached = warm is not None
     headers = {"Authorization": f"Bearer {KEY}"}
-    if not cached:
+    if warm is None:
         headers["Cache-Control"] = "no-store"
     else:
-        async with session.post(f"{url}/v1/embeddings", json=body, headers=headers) as warm:
-            await warm.read()
+        async with session.post(f"{url}/v1/embeddings", json=warm, headers=headers) as warming:
+            await warming.read()
     latencies: list[float] = []
     before = sample_cpu(pid)
     for _ in range(n):
@@ -123,7 +135,8 @@ async def _case(
             await response.read()
             expected = "hit" if cached else "miss"
             if response.status != 200 or response.headers.get("x-sidegate-cache") != expected:
-                raise RuntimeError(f"unexpected answer {response.status}")
+                detail = (await response.read())[:300]
+                raise RuntimeError(f"unexpected answer {response.status}: {detail!r}")
         latencies.append((time.perf_counter() - started) * 1000.0)
     after = sample_cpu(pid)
     return {
@@ -133,39 +146,70 @@ async def _case(
     }
 
 
-async def _bytes_per_vector() -> float:
+async def _bytes_per_vector(keep_text: bool) -> float:
     from sidegate.middlewares.embeddings_cache import MemoryVectorCache
+    from sidegate.middlewares.embeddings_cache_codec import stored
+    from sidegate.proxy.mock import vector
 
     cache = MemoryVectorCache(1 << 30)
-    vector = bytes(1536 * 4)
-    await cache.set_many({os.urandom(32): vector for _ in range(100)}, 3600)
+    entries = {}
+    for i in range(100):
+        kept = stored(vector(b"s%d" % i, 1536), keep_text=keep_text)
+        assert kept is not None
+        entries[os.urandom(32)] = kept
+    await cache.set_many(entries, 3600)
     return cache.bytes_held / 100
 
 
+def _body(encoding: str, items: list[str]) -> dict[str, object]:
+    return {
+        "model": "meridian-embed-3",
+        "input": items,
+        "dimensions": 1536,
+        "encoding_format": encoding,
+    }
+
+
 async def _run(n: int, pin: bool) -> None:
-    items = [f"document {i}: " + "lorem ipsum dolor sit amet " * 8 for i in range(16)]
-    directory = Path(tempfile.mkdtemp(prefix="sidegate-bench-emb-"))
-    try:
-        async with _processes(directory, pin) as (url, pid), aiohttp.ClientSession() as session:
-            rows = []
-            for encoding in ("float", "base64"):
-                body = {
-                    "model": "meridian-embed-3",
-                    "input": items,
-                    "dimensions": 1536,
-                    "encoding_format": encoding,
-                }
-                for cached in (False, True):
-                    result = await _case(session, url, pid, body, cached, n)
-                    rows.append((encoding, "fully cached" if cached else "forwarded", result))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    rows = []
+    for float_answers in ("text", "float32"):
+        directory = Path(tempfile.mkdtemp(prefix="sidegate-bench-emb-"))
+        try:
+            async with (
+                _processes(directory, pin, float_answers) as (url, pid),
+                aiohttp.ClientSession() as session,
+            ):
+                for encoding, other in (("float", "base64"), ("base64", "float")):
+                    items = [
+                        f"{encoding} {i}: " + "lorem ipsum dolor sit amet " * 8 for i in range(16)
+                    ]
+                    crossed = [f"x{item}" for item in items]
+                    for case, warm in (
+                        ("forwarded", None),
+                        ("cached", _body(encoding, items)),
+                        (f"cached as {other}", _body(other, crossed)),
+                    ):
+                        body = _body(encoding, crossed if other in case else items)
+                        result = await _case(session, url, pid, body, warm, n)
+                        rows.append((float_answers, encoding, case, result))
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
     print(f"16 items x 1536 dimensions, {n} sequential requests per case")
-    print(f"{'encoding':<9}{'case':<14}{'gateway CPU ms/req':>20}{'p50 ms':>9}{'p99 ms':>9}")
-    for encoding, case, result in rows:
+    print(
+        f"{'float_answers':<14}{'encoding':<9}{'case':<18}{'gateway CPU ms/req':>19}"
+        f"{'p50 ms':>9}{'p99 ms':>9}"
+    )
+    for float_answers, encoding, case, result in rows:
         cpu, p50, p99 = result["cpu_ms"], result["p50"], result["p99"]
-        print(f"{encoding:<9}{case:<14}{cpu or 0:>20.3f}{p50 or 0:>9.2f}{p99 or 0:>9.2f}")
-    print(f"bytes held per cached 1536-dimension vector: {await _bytes_per_vector():,.0f}")
+        print(
+            f"{float_answers:<14}{encoding:<9}{case:<18}{cpu or 0:>19.3f}{p50 or 0:>9.2f}"
+            f"{p99 or 0:>9.2f}"
+        )
+    text, float32 = await _bytes_per_vector(True), await _bytes_per_vector(False)
+    print(
+        f"bytes held per cached 1536-dimension vector: {float32:,.0f} as float32, "
+        f"{text:,.0f} as text (the mock's numbers)"
+    )
 
 
 def main() -> int:

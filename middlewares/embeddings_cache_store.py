@@ -1,7 +1,8 @@
 """Where the embeddings cache keeps its vectors: in process, or in a Redis shared by replicas.
 
-A :class:`VectorCache` maps a 32-byte key (a sha256 digest) to a vector's float32 bytes, each entry
-living ``ttl_s`` seconds from its last write. Two backends:
+A :class:`VectorCache` maps a 32-byte key (a sha256 digest) to a stored vector (bytes, as
+:mod:`.embeddings_cache_codec` writes them), each entry living ``ttl_s`` seconds from its last
+write. Two backends:
 
 * :class:`MemoryVectorCache` — a cachetools ``TLRUCache`` bounded by ``max_bytes`` of stored data
   (each entry counts its vector's bytes plus its 32-byte key), least recently used first out;
@@ -43,7 +44,7 @@ class CacheUnavailable(Exception):
 
 
 class VectorCache(Protocol):
-    """Vectors (float32 bytes) by 32-byte key.
+    """Stored vectors (bytes) by 32-byte key.
 
     ``get_many`` answers position by position (``None`` for a key it does not hold, or no longer
     holds); ``set_many`` stores each entry for ``ttl_s`` seconds, replacing an existing one. Both
@@ -176,7 +177,7 @@ class RedisVectorCache:
                 values = await client.mget(names)
         except self._errors as exc:
             raise CacheUnavailable(f"redis: {exc}") from exc
-        return [v if isinstance(v, bytes) and v and len(v) % 4 == 0 else None for v in values]
+        return [v if isinstance(v, bytes) and v else None for v in values]
 
     async def set_many(self, entries: Mapping[bytes, bytes], ttl_s: int) -> None:
         if not entries:

@@ -156,11 +156,14 @@ async def test_token_id_arrays_are_items_too(make_client: MakeClient, meridian: 
     assert reply.vectors() == [vector(b"t1,2,3", 1536), vector(b"t4,5", 1536), expected("1,2,3")]
 
 
-@pytest.mark.parametrize(("first", "then"), [("float", "base64"), ("base64", "float")])
+@pytest.mark.parametrize("kept", ["text", "float32"])
+@pytest.mark.parametrize(
+    ("first", "then"), [("float", "base64"), ("base64", "float"), ("float", "float")]
+)
 async def test_a_vector_answers_either_encoding_value_for_value(
-    make_client: MakeClient, meridian: Upstream, first: str, then: str
+    make_client: MakeClient, meridian: Upstream, first: str, then: str, kept: str
 ) -> None:
-    client = await make_client()
+    client = await make_client(float_answers=kept)
     texts = ["one", "two", "three"]
     await embed(client, texts, encoding_format=first)
 
@@ -185,6 +188,20 @@ async def test_a_partial_answer_is_in_the_format_the_client_asked_for(
 
     assert reply.cache == ("partial", "1")
     assert reply.vectors() == [expected_base64("one"), expected_base64("two")]
+
+
+async def test_float_answers_kept_as_text_are_counted_as_text(make_client: MakeClient) -> None:
+    cache = MemoryVectorCache(MB)
+    client = await make_client(cache=cache)
+    await embed(client, ["alpha"], dimensions=64)
+    text_held = cache.bytes_held
+    await embed(client, ["beta"], dimensions=64, encoding_format="base64")
+
+    assert text_held == 1 + len(orjson.dumps(expected("alpha", 64))) + 32
+    assert cache.bytes_held - text_held == 1 + 64 * 4 + 32  # base64 answers: float32
+    reply = await embed(client, ["alpha", "beta"], dimensions=64)
+    assert reply.cache == ("hit", "2")
+    assert reply.vectors() == [expected("alpha", 64), expected("beta", 64)]
 
 
 async def test_dimensions_separate_entries(make_client: MakeClient, meridian: Upstream) -> None:
@@ -286,9 +303,9 @@ async def test_memory_stays_bounded_under_a_flood_of_unique_inputs(
     make_client: MakeClient,
 ) -> None:
     counts = Counts()
-    per_entry = 64 * 4 + 32  # 64 float32 values and a 32-byte key
+    per_entry = 1 + 64 * 4 + 32  # a tag, 64 float32 values and a 32-byte key
     cache = MemoryVectorCache(10 * per_entry, observer=counts)
-    client = await make_client(cache=cache, observer=counts)
+    client = await make_client(cache=cache, observer=counts, float_answers="float32")
 
     for batch in range(20):
         reply = await embed(client, [f"text {batch}-{i}" for i in range(8)], dimensions=64)
@@ -470,9 +487,19 @@ def test_settings_are_checked_at_construction() -> None:
     class Odd:
         ttl_s = 10
         scope = "global"
+        float_answers = "text"
+
+    class Odder:
+        ttl_s = 10
+        scope = "team"
+        float_answers = "float64"
 
     with pytest.raises(ValueError, match="scope"):
         embeddings_cache_middleware(Odd(), MemoryVectorCache(MB))
+    with pytest.raises(ValueError, match="float_answers"):
+        embeddings_cache_middleware(Odder(), MemoryVectorCache(MB))
+    with pytest.raises(ValueError, match="float_answers"):
+        EmbeddingsCacheConfig(float_answers="float64")  # type: ignore[arg-type]
 
 
 def test_the_config_section_needs_a_url_for_redis() -> None:
@@ -480,3 +507,4 @@ def test_the_config_section_needs_a_url_for_redis() -> None:
         EmbeddingsCacheConfig(backend="redis")
     config = EmbeddingsCacheConfig(backend="redis", redis_url="redis://cache:6379/0")
     assert (config.scope, config.ttl_s, config.redis_prefix) == ("team", 86_400, "sg:emb:")
+    assert config.float_answers == "text"

@@ -12,6 +12,7 @@ from sidegate.middlewares.embeddings_cache_codec import (
     plan_items,
     read_answer,
     render,
+    stored,
     unpack_base64,
 )
 from sidegate.proxy.mock import vector, vector_base64
@@ -71,8 +72,25 @@ def test_float32_bytes_answer_both_encodings_exactly() -> None:
     assert packed is not None
     assert len(packed) == 64 * 4
     assert unpack_base64(vector_base64(b"sabc", 64)) == packed
-    assert render(packed, "float") == floats
-    assert render(packed, "base64") == vector_base64(b"sabc", 64)
+    kept = stored(vector_base64(b"sabc", 64))
+    assert kept == stored(floats, keep_text=False) == b"f" + packed
+    assert render(kept, "float") == floats
+    assert render(kept, "base64") == vector_base64(b"sabc", 64)
+
+
+def test_floats_kept_as_text_answer_both_encodings_exactly() -> None:
+    floats = vector(b"sabc", 64)
+
+    kept = stored(floats, keep_text=True)
+
+    assert kept == b"t" + orjson.dumps(floats)
+    fragment = render(kept, "float")
+    assert isinstance(fragment, orjson.Fragment)
+    assert orjson.loads(orjson.dumps({"embedding": fragment})) == {"embedding": floats}
+    assert render(kept, "base64") == vector_base64(b"sabc", 64)
+    assert stored(vector_base64(b"sabc", 64), keep_text=True) == stored(floats)  # float32
+    with pytest.raises(ValueError, match="not a stored vector"):
+        render(b"\x00" + pack_floats(floats), "float")  # type: ignore[operator]
 
 
 def test_values_that_are_not_float32_are_never_rounded_into_the_cache() -> None:
@@ -98,7 +116,10 @@ def test_an_answer_is_ordered_by_index_and_checked() -> None:
         {"index": 0, "embedding": "AAAAPw=="},
         {"index": 1, "embedding": [0.5]},
     ]
-    assert answer.vectors == [pack_floats([0.5]), pack_floats([0.5])]
+    assert answer.vectors == [stored([0.5]), stored([0.5])]
+    texts = read_answer(orjson.loads(good), 2, keep_text=True)
+    assert texts is not None
+    assert texts.vectors == [stored([0.5]), b"t[0.5]"]
     assert read_answer_bytes(good, 3) is None
     assert read_answer_bytes(b"<html>", 1) is None
     assert read_answer_bytes(_answer({"index": 0, "embedding": [0.5]}) + b"x", 1) is None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
@@ -87,18 +89,34 @@ async def test_two_replicas_share_one_cache(
     assert [r.json()["input"] for r in meridian.state.received] == [["alpha", "beta"], ["gamma"]]
 
 
-async def test_entries_are_float32_bytes_with_the_configured_ttl(
+async def test_entries_are_tagged_vectors_with_the_configured_ttl(
     redis: Redis, replica: Replica
 ) -> None:
     client = await replica(redis)
     await embed(client, ["alpha"], dimensions=8)
+    await embed(client, ["beta"], dimensions=8, encoding_format="base64")
 
     keys = await redis.keys("sg:emb:*")
-    assert len(keys) == 1
-    stored = await redis.get(keys[0])
-    assert isinstance(stored, bytes)
-    assert len(stored) == 8 * 4
-    assert 590 <= await redis.ttl(keys[0]) <= 600
+    assert len(keys) == 2
+    kept = sorted([await redis.get(key) for key in keys], key=len)
+    assert kept[0] == b"f" + base64.b64decode(expected_base64("beta", 8))  # float32
+    assert kept[1] == b"t" + orjson.dumps(expected("alpha", 8))  # the JSON text
+    assert all([590 <= await redis.ttl(key) <= 600 for key in keys])
+
+
+async def test_a_value_that_is_no_stored_vector_is_a_miss(
+    redis: Redis, replica: Replica, meridian: Upstream
+) -> None:
+    client = await replica(redis)
+    await embed(client, ["alpha", "beta"], dimensions=8)
+    keys = sorted(await redis.keys("sg:emb:*"))
+    await redis.set(keys[0], b"f\x00\x00\x00")  # not whole float32s
+    await redis.set(keys[1], b"\x00\x00\x00\x00")  # no tag (as sidegate-embeddings/1 kept them)
+
+    reply = await embed(client, ["alpha", "beta"], dimensions=8)
+
+    assert reply.cache == ("miss", "0")
+    assert reply.vectors() == [expected("alpha", 8), expected("beta", 8)]
 
 
 async def test_teams_are_isolated_in_redis_too(redis: Redis, replica: Replica) -> None:
