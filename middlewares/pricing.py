@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import orjson
 
 from .errors import BadRequest, SidegateError
+from .values import value_type
 
 __all__ = [
     "DEFAULT_IMAGE_QUALITY",
@@ -113,7 +114,7 @@ class Rates:
     max_audio_seconds: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Usage:
     """What a request used. ``audio_seconds`` is None when the answer carried no duration."""
 
@@ -129,7 +130,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Estimate:
     """An upper bound of a request's usage and cost (nano-USD), known before it is sent."""
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -26,6 +26,8 @@ from typing import Any
 import orjson
 from aiohttp import ClientError, ClientResponse
 from multidict import CIMultiDict
+
+from .values import value_type
 
 __all__ = [
     "RATELIMIT_HEADERS",
@@ -112,7 +114,7 @@ def _reset(value: str | None, now: float) -> float | None:
     return None if value is None else parse_reset(value, now)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class RateLimits:
     """One view of the two rate-limit windows; resets are absolute wall-clock seconds.
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal, NamedTuple
 
 from sidegate.middlewares.errors import SidegateError
+from sidegate.middlewares.values import value_type
 
 __all__ = [
     "COMMIT_RETENTION_S",
@@ -107,7 +108,7 @@ class Scope(_ScopeFields):
         return super().__new__(cls, team, key_id)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Reservation:
     """The answer to a reservation: whether it was admitted, and the budget's state after it.
 
@@ -125,7 +126,7 @@ class Reservation:
         return max(0, self.limit - self.spent - self.reserved)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class BudgetStatus:
     """Committed spend and live (not expired) reservations of one scope and period."""
 
@@ -133,7 +134,7 @@ class BudgetStatus:
     reserved: int
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class RateDecision:
     """The answer to a rate-window hit. ``count`` is the window's total after it (unchanged when
     refused); pass ``window_start`` back to ``adjust``."""
@@ -149,7 +150,7 @@ class RateDecision:
         return max(0, self.limit - self.count)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class LedgerEntry:
     """One charged request. ``timestamp`` is aware; ``model`` is the name usage is reported by
     (the public model, or the Meivan service id)."""
@@ -213,7 +214,7 @@ class UsageReport:
     by_model: dict[str, UsageTotals] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class WindowHit:
     """Add ``amount`` to the current ``window_s`` window of ``(scope, name)`` within ``limit``."""
 
@@ -228,7 +229,7 @@ class WindowHit:
             nonnegative(limit=self.limit, amount=self.amount)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class BudgetHold:
     """Reserve ``amount_nano`` of the ``(scope, period)`` budget within ``limit_nano``."""
 
@@ -242,7 +243,7 @@ class BudgetHold:
             nonnegative(limit_nano=self.limit_nano, amount_nano=self.amount_nano)
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class WindowAdjustment:
     """Add ``delta`` to the window of ``(scope, name)`` that began at ``window_start``."""
 
@@ -253,7 +254,7 @@ class WindowAdjustment:
     window_s: int = 60
 
 
-@dataclass(frozen=True, slots=True)
+@value_type
 class Admission:
     """The answer to :meth:`~.protocols.Meter.admit`.
 
@@ -267,7 +268,7 @@ class Admission:
     reservations: tuple[Reservation, ...]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@value_type(kw_only=True)
 class Settlement:
     """What :meth:`~.protocols.Meter.settle` does after a request, in one atomic step.
 
