@@ -245,7 +245,42 @@ def cost(usage: Usage, prices: Rates, kind: str) -> int:
 
 def _text_bound(value: Any) -> int:
     """One per UTF-8 byte of every string in ``value`` (keys included), ``len(str(x))`` of
-    anything else. JSON's dict and list are tested before the slower abstract Mapping."""
+    anything else. JSON's own str, list and dict (chat messages: a list of dicts of strings) are
+    walked in loops here, without a call per string; anything else as :func:`_any_bound` does."""
+    kind = type(value)
+    if kind is str:
+        return len(value) if value.isascii() else len(value.encode())
+    total = 0
+    if kind is list:
+        for item in value:
+            if type(item) is str:
+                total += len(item) if item.isascii() else len(item.encode())
+            elif type(item) is dict:
+                total += _dict_bound(item)
+            else:
+                total += _text_bound(item)
+        return total
+    if kind is dict:
+        return _dict_bound(value)
+    return _any_bound(value)
+
+
+def _dict_bound(value: dict[Any, Any]) -> int:
+    total = 0
+    for key, item in value.items():
+        if type(key) is not str:
+            key = str(key)
+        total += len(key) if key.isascii() else len(key.encode())
+        if type(item) is str:
+            total += len(item) if item.isascii() else len(item.encode())
+        else:
+            total += _text_bound(item)
+    return total
+
+
+def _any_bound(value: Any) -> int:
+    """:func:`_text_bound` of any value: str, Mapping, list and tuple (subclasses too) are
+    walked; JSON's dict and list are tested before the slower abstract Mapping."""
     if isinstance(value, str):
         return len(value) if value.isascii() else len(value.encode())
     if isinstance(value, dict):

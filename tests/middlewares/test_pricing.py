@@ -413,3 +413,40 @@ def test_the_larger_of_max_tokens_and_max_completion_tokens_is_reserved() -> Non
     assert estimate("chat", only, MERIDIAN_1).completion_tokens == 3
     with pytest.raises(BadRequest):
         estimate("chat", {**both, "max_completion_tokens": -1}, MERIDIAN_1)
+
+
+def _plain_bound(value: Any) -> int:
+    """The prompt bound as first written: one recursive rule for every container."""
+    from collections.abc import Mapping
+
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, Mapping):
+        return sum(_plain_bound(str(key)) + _plain_bound(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return sum(_plain_bound(item) for item in value)
+    return len(str(value))
+
+
+def test_prompt_bound_is_the_plain_rule_on_random_documents() -> None:
+    import random
+
+    rng = random.Random(7)
+    leaves: list[Any] = ["", "ascii", "héllo", "\U0001f600", 0, -12, 2.5, True, None, 1e300]
+
+    def document(depth: int) -> Any:
+        shape = rng.randrange(5 if depth < 4 else 1)
+        if shape == 0:
+            return rng.choice(leaves)
+        if shape in (1, 2):
+            names = ["role", "content", "é", 1, None]
+            return {rng.choice(names): document(depth + 1) for _ in range(3)}
+        if shape == 3:
+            return [document(depth + 1) for _ in range(rng.randrange(4))]
+        return tuple(document(depth + 1) for _ in range(2))
+
+    for _ in range(2000):
+        messages = [document(0) for _ in range(rng.randrange(1, 4))]
+        body = {"messages": messages, "max_tokens": 1}
+        expected = 16 + sum(_plain_bound(message) for message in messages)
+        assert estimate("chat", body, MERIDIAN_1).prompt_tokens == expected
