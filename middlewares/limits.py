@@ -134,6 +134,7 @@ def limits_middleware(
     store (the gateway does so at shutdown).
     """
     pending = set() if pending is None else pending
+    plans: dict[tuple[str, str | None], _Plan] = {}
 
     @web.middleware
     async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -141,16 +142,17 @@ def limits_middleware(
         principal = call.principal if call is not None else None
         if call is None or principal is None:
             return await handler(request)
-        rules = [(Scope(principal.team), settings.teams.get(principal.team))]
-        if principal.key_id is not None:
-            key_rules = settings.keys.get((principal.team, principal.key_id))
-            rules.append((Scope(principal.team, principal.key_id), key_rules))
-        active = [(scope, rule) for scope, rule in rules if rule is not None]
+        who = (principal.team, principal.key_id)
+        plan = plans.get(who)
+        if plan is None:
+            if len(plans) >= _PLANS_MAX:
+                plans.clear()
+            plan = plans[who] = _Plan.of(principal.team, principal.key_id, settings)
         prices = _prices_for(call, settings.prices)
-        if not active and prices is None:
+        if not plan.rules and prices is None:
             return await handler(request)
         metered = _Metered(call, prices, settings, stores, clock, pending)
-        limits_seen = await metered.admit(active)
+        limits_seen = await metered.admit(plan)
         if limits_seen is not None:
             request[TEAM_LIMITS_KEY] = limits_seen
         try:
@@ -161,10 +163,53 @@ def limits_middleware(
             else:
                 await asyncio.shield(metered.release())
             raise
-        await asyncio.shield(_started(metered.settle(response)))
+        settling = _started(metered.settle(response))
+        if settling.done():  # nothing to wait for (see _started): no shield, no trip
+            settling.result()
+        else:
+            await asyncio.shield(settling)
         return response
 
     return limits
+
+
+_PLANS_MAX = 10_000
+"""Principals whose :class:`_Plan` is kept (the plans are rebuilt when there are more)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What every request of one principal (team, key) is checked against, made once:
+    ``rules`` in order (the team's, then the key's), the rate windows they hit (each rule's
+    requests, then tokens, with the amount a request counts when fixed), the budgets they hold,
+    and whether a store outage lets the request through (every rule fails open)."""
+
+    rules: tuple[tuple[Scope, Limits], ...]
+    windows: tuple[tuple[Scope, str, int, int | None], ...]
+    budgets: tuple[tuple[Scope, BudgetRule], ...]
+    fail_open: bool
+
+    @classmethod
+    def of(cls, team: str, key_id: str | None, settings: LimitsSettings) -> _Plan:
+        found = [(Scope(team), settings.teams.get(team))]
+        if key_id is not None:
+            found.append((Scope(team, key_id), settings.keys.get((team, key_id))))
+        rules = tuple((scope, rule) for scope, rule in found if rule is not None)
+        windows: list[tuple[Scope, str, int, int | None]] = []
+        budgets: list[tuple[Scope, BudgetRule]] = []
+        fail_open = True
+        for scope, rule in rules:
+            if rule.rate is not None:
+                fail_open = fail_open and rule.rate.fail_open
+                if (limit := rule.rate.requests_per_minute) is not None:
+                    windows.append((scope, "requests", limit, min(1, limit)))
+                if (limit := rule.rate.tokens_per_minute) is not None:
+                    windows.append((scope, "tokens", limit, None))  # the estimate's tokens
+        for scope, rule in rules:
+            if rule.budget is not None:
+                fail_open = fail_open and rule.budget.fail_open
+                budgets.append((scope, rule.budget))
+        return cls(rules, tuple(windows), tuple(budgets), fail_open)
 
 
 class _Metered:
@@ -204,40 +249,31 @@ class _Metered:
             default_max_output_tokens=self.settings.default_max_output_tokens,
         )
 
-    async def admit(self, rules: list[tuple[Scope, Limits]]) -> RateLimits | None:
+    async def admit(self, plan: _Plan) -> RateLimits | None:
         """Pass every rate window and reserve every budget in one store operation, or refuse."""
-        hits: list[WindowHit] = []
-        holds: list[BudgetHold] = []
-        budgets: list[tuple[BudgetRule, datetime | None]] = []
-        fail_open = True
+        tokens, cost_nano = self.estimate.tokens, self.estimate.cost_nano
+        hits = tuple(
+            WindowHit(scope, name, limit, min(tokens, limit) if amount is None else amount)
+            for scope, name, limit, amount in plan.windows
+        )
+        holds: tuple[BudgetHold, ...] = ()
+        day = 0
+        if plan.budgets:
+            day = math.floor(self.clock() / 86_400)
+            holds = tuple(
+                BudgetHold(scope, _period(rule.period, day)[0], rule.limit_nano, cost_nano)
+                for scope, rule in plan.budgets
+            )
         admission: Admission | None = None
-        day = math.floor(self.clock() / 86_400)
-        for scope, rule in rules:
-            if rule.rate is not None:
-                fail_open = fail_open and rule.rate.fail_open
-                for name, limit, amount in (
-                    ("requests", rule.rate.requests_per_minute, 1),
-                    ("tokens", rule.rate.tokens_per_minute, self.estimate.tokens),
-                ):
-                    if limit is not None:
-                        hits.append(WindowHit(scope, name, limit, min(amount, limit)))
-        for scope, rule in rules:
-            if rule.budget is not None:
-                fail_open = fail_open and rule.budget.fail_open
-                period, resets = _period(rule.budget.period, day)
-                holds.append(
-                    BudgetHold(scope, period, rule.budget.limit_nano, self.estimate.cost_nano)
-                )
-                budgets.append((rule.budget, resets))
         if hits or holds:
             try:
-                admission = await self._admit(tuple(hits), tuple(holds))
+                admission = await self._admit(hits, holds)
             except StoreUnavailable:
-                if not fail_open:
+                if not plan.fail_open:
                     raise
-                log.warning("limits_store_unavailable", team=rules[0][0].team, fail_open=True)
+                log.warning("limits_store_unavailable", team=plan.rules[0][0].team, fail_open=True)
             if admission is not None:
-                self._refuse_unless(admission, hits, holds, budgets)
+                self._refuse_unless(admission, hits, holds, plan, day)
                 self.reserved = [(hold.scope, hold.period) for hold in holds]
                 self.token_windows = [
                     (hit.scope, hit.amount, decision.window_start)
@@ -252,6 +288,8 @@ class _Metered:
         meter = self.stores.meter
         ttl = self.settings.reservation_ttl_s
         admitting = _started(meter.admit(hits, holds, self.reservation_id, ttl))
+        if admitting.done():  # answered at once (see _started): nothing to wait for or undo
+            return admitting.result()
         try:
             return await asyncio.shield(admitting)
         except asyncio.CancelledError:
@@ -279,9 +317,10 @@ class _Metered:
     def _refuse_unless(
         self,
         admission: Admission,
-        hits: list[WindowHit],
-        holds: list[BudgetHold],
-        budgets: list[tuple[BudgetRule, datetime | None]],
+        hits: tuple[WindowHit, ...],
+        holds: tuple[BudgetHold, ...],
+        plan: _Plan,
+        day: int,
     ) -> None:
         """Raise the refusal the admission reports, if it refused."""
         if admission.admitted:
@@ -296,7 +335,8 @@ class _Metered:
             )
         index = len(admission.reservations) - 1
         scope, result = holds[index].scope, admission.reservations[index]
-        rule, resets = budgets[index]
+        rule = plan.budgets[index][1]
+        resets = _period(rule.period, day)[1]  # the period the hold was made in
         who = f"Key {scope.key_id!r}" if scope.key_id else f"Team {scope.team!r}"
         when = f"; the {rule.period} budget resets at {resets:%Y-%m-%dT%H:%M:%SZ}" if resets else ""
         raise QuotaExceeded(
@@ -487,7 +527,7 @@ def _call_team(call: Call) -> str | None:
     return call.principal.team if call.principal is not None else None
 
 
-def _seen(hits: list[WindowHit], windows: tuple[RateDecision, ...]) -> RateLimits:
+def _seen(hits: tuple[WindowHit, ...], windows: tuple[RateDecision, ...]) -> RateLimits:
     """The first rate-limited scope's windows, as rate-limit headers show them."""
     first = hits[0].scope
     seen: dict[str, tuple[int, int, float]] = {}
