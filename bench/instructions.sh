@@ -7,7 +7,8 @@
 # Starts the benchmark's mock upstream (CPU 1) and the proxy under callgrind (CPU 0), sends 300
 # requests to warm up, counts the next N (default 400) at concurrency C (default 16), and prints
 # instructions per request. bare runs bench/configs/bare.yaml at --log-level warning; full runs
-# full.yaml with limits.yaml merged in, at info; LOGLEVEL overrides. Needs valgrind.
+# full.yaml with limits.yaml merged in, at info; LOGLEVEL overrides. KEEP=DIR copies callgrind's
+# output files there (for callgrind_annotate). Needs valgrind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=$1; N=${2:-400}; C=${3:-16}; STREAM=${4:-}

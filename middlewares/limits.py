@@ -34,7 +34,17 @@ from aiohttp.typedefs import Handler, Middleware
 
 from .contract import CALL_KEY, Call, EndpointKind
 from .errors import SidegateError
-from .pricing import Estimate, Rates, SseUsage, Usage, cost, estimate, nano_to_usd
+from .pricing import (
+    TAIL_USAGE_MIN,
+    Estimate,
+    Rates,
+    SseUsage,
+    Usage,
+    cost,
+    estimate,
+    nano_to_usd,
+    usage_at_end,
+)
 from .pricing import usage_from_response as usage_in
 from .ratelimits import RateLimits
 from .store import (
@@ -64,6 +74,9 @@ log = structlog.get_logger(__name__)
 
 TEAM_LIMITS_KEY = web.RequestKey("sidegate_team_limits", RateLimits)
 _COMMIT_RETRIES = (0.1, 0.5, 2.0, 5.0, 15.0, 30.0, 60.0)
+_TOKEN_KINDS = frozenset(
+    {EndpointKind.CHAT, EndpointKind.COMPLETE, EndpointKind.EMBEDDINGS, EndpointKind.PASSTHROUGH}
+)
 _T = TypeVar("_T")
 
 
@@ -413,6 +426,10 @@ class _Metered:
         body = response.body if isinstance(response, web.Response) else None
         if not isinstance(body, bytes):
             return None
+        if len(body) >= TAIL_USAGE_MIN and self.kind in _TOKEN_KINDS:  # embeddings, mostly
+            found = usage_at_end(body)
+            if isinstance(found, dict):
+                return usage_in(self.kind.value, {"usage": found})
         payload = self.call.answer_json(body)
         if self.kind is EndpointKind.PASSTHROUGH:
             return usage_in("passthrough", payload) if isinstance(payload, dict) else None

@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_IMAGE_SIZE",
     "NANO_PER_USD",
     "PER_TOKENS",
+    "TAIL_USAGE_MIN",
     "Estimate",
     "PriceLike",
     "PricingError",
@@ -52,6 +53,7 @@ __all__ = [
     "is_usage_only_event",
     "nano_to_usd",
     "rates",
+    "usage_at_end",
     "usage_from_response",
     "usage_from_sse",
     "usd_to_nano",
@@ -391,6 +393,47 @@ def usage_from_response(
     raise ValueError(f"no usage in an endpoint of kind {kind!r}")
 
 
+_WHITESPACE = frozenset(b" \t\r\n")
+TAIL_USAGE_MIN = 1 << 16
+"""Answers at least this long are read for their usage from the end (:func:`usage_at_end`)."""
+
+
+def usage_at_end(body: bytes) -> Any:
+    """The ``usage`` of a JSON object that ends with it, read from its end without parsing the
+    rest; None when ``body`` does not end that way (the caller parses it whole then).
+
+    It ends that way when, less trailing whitespace, it is ``"usage"``, a colon and a flat
+    object (no nested object or array, no backslash) followed by the ``}`` that ends the
+    document, the member preceded by ``,`` or ``{``. That member belongs to the object the last
+    ``}`` closes: the outermost one. (No string can hold it: inside a string every quote is
+    escaped, and a backslash is refused.) The rest of the document is not checked: an
+    embeddings answer of 16 × 1,536 numbers is ~400 KB, whose parse would cost over a
+    millisecond. Upstreams put ``usage`` last (the vendor references do); one that does not is
+    parsed whole.
+    """
+    end = len(body) - 1
+    while end >= 0 and body[end] in _WHITESPACE:
+        end -= 1
+    close = end - 1
+    while close >= 0 and body[close] in _WHITESPACE:
+        close -= 1
+    if close < 1 or body[end] != 0x7D or body[close] != 0x7D:  # "}"
+        return None
+    start = body.rfind(b"{", 0, close)
+    key = body.rfind(b'"usage"', 0, start)
+    if key < 1 or body[start:close].find(b"[") >= 0 or body.find(b"\\", key, close) >= 0:
+        return None
+    before = key - 1
+    while before >= 0 and body[before] in _WHITESPACE:
+        before -= 1
+    if body[key + 7 : start].strip() != b":" or before < 0 or body[before] not in b",{":
+        return None
+    try:
+        return orjson.loads(body[start : close + 1])
+    except orjson.JSONDecodeError:
+        return None
+
+
 def _event_data(event: bytes) -> bytes:
     """The data of one SSE event: its ``data:`` lines joined, each less one leading space."""
     if event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2:
@@ -524,7 +567,8 @@ class SseUsage:
             cut = chunk.rfind(b"\n\n") + 2
         else:
             usage = _USAGE_SET.search(chunk)
-            assert usage is not None
+            if usage is None:  # (counts differ, so one is there)
+                return 0
             cut = chunk.rfind(b"\n\n", 0, usage.start()) + 2
         if cut < 3 or chunk[cut - 3] == 10:  # three newlines in a row: leave it to _events
             return 0

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import FormData, web
 from aiohttp.test_utils import TestClient
@@ -24,6 +25,7 @@ from sidegate.middlewares.pricing import (
     is_usage_only_event,
     nano_to_usd,
     rates,
+    usage_at_end,
     usage_from_response,
     usage_from_sse,
     usd_to_nano,
@@ -450,3 +452,64 @@ def test_prompt_bound_is_the_plain_rule_on_random_documents() -> None:
         body = {"messages": messages, "max_tokens": 1}
         expected = 16 + sum(_plain_bound(message) for message in messages)
         assert estimate("chat", body, MERIDIAN_1).prompt_tokens == expected
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{"data":[1,2],"usage":{"prompt_tokens":3,"total_tokens":3}}',
+        b'{"data":[1,2],\n  "usage" : { "prompt_tokens": 3, "total_tokens": 3 }\n}\n',
+        b'{"usage":{"prompt_tokens":5}}',
+    ],
+)
+def test_usage_is_read_from_the_end(document: bytes) -> None:
+    assert usage_at_end(document) == orjson.loads(document)["usage"]
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{"usage":{"prompt_tokens":3},"model":"m"}',  # not last
+        b'{"data":[{"usage":{"prompt_tokens":3}}]}',  # not the outermost
+        b'{"data":{"usage":{"prompt_tokens":3}}}',
+        b'{"usage":{"p":{"prompt_tokens":3}}}',  # not flat
+        b'{"usage":{"p":[1]}}',
+        b'{"x\\"usage":{"prompt_tokens":3}}',  # a key that ends with the word
+        b'{"x":"\\"usage\\":{\\"prompt_tokens\\":3}}"}',  # in a string
+        b'{"usage":{"note":"a{b"}}',
+        b'["usage",{"prompt_tokens":3}]',
+        b'{"usage":{"prompt_tokens":3}',  # not closed
+        b"",
+        b"}}",
+    ],
+)
+def test_usage_not_plainly_at_the_end_is_left_to_a_full_parse(document: bytes) -> None:
+    assert usage_at_end(document) is None
+
+
+def test_usage_at_the_end_agrees_with_a_full_parse_on_random_documents() -> None:
+    import json
+    import random
+
+    rng = random.Random(11)
+    members: list[tuple[str, Any]] = [
+        ("usage", {"prompt_tokens": 7, "total_tokens": 7}),
+        ("usage", {"prompt_tokens": {"nested": 1}}),
+        ("usage", {"note": 'a "quoted" {brace}'}),
+        ("data", [{"usage": {"prompt_tokens": 1}}, [1.5, -2]]),
+        ("x", '"usage":{"prompt_tokens":9}}'),
+        ("model", "m"),
+        ('usag"e', {"prompt_tokens": 2}),
+    ]
+    read = 0
+    for _ in range(5000):
+        document = dict(rng.sample(members, rng.randrange(1, 5)))
+        text = json.dumps(document, indent=rng.choice([None, 1, 4])).encode()
+        text += rng.choice([b"", b"\n", b"  \r\n"])
+        found = usage_at_end(text)
+        if found is not None:
+            assert found == document["usage"]
+            read += 1
+        elif list(document)[-1] == "usage" and document["usage"] == members[0][1]:
+            raise AssertionError(f"a plain usage at the end was not read: {text!r}")
+    assert read > 500

@@ -35,7 +35,7 @@ from structlog.testing import capture_logs
 from sidegate.config import ConfigError, load_config_text
 from sidegate.config.models import Price, SidegateConfig
 from sidegate.middlewares.api_keys import hash_key
-from sidegate.middlewares.pricing import estimate, nano_to_usd, rates
+from sidegate.middlewares.pricing import TAIL_USAGE_MIN, estimate, nano_to_usd, rates
 from sidegate.middlewares.store import (
     Admission,
     BudgetStatus,
@@ -658,6 +658,8 @@ async def test_chat_json_is_charged_from_its_usage(make: Make, meridian: Upstrea
     [
         ({"model": "meridian-embed-3", "input": ["alpha beta gamma", "delta"]}, "meridian-embed-3"),
         ({"service_id": "embed.text.v1", "input": "a Meivan embedding"}, "embed.text.v1"),
+        # An answer long enough to be read for its usage from its end (usage_at_end).
+        ({"model": "meridian-embed-3", "input": ["a", "b c", "d e f", "g"]}, "meridian-embed-3"),
     ],
 )
 async def test_embeddings_are_charged_from_their_usage(
@@ -666,6 +668,8 @@ async def test_embeddings_are_charged_from_their_usage(
     client = await make()
     response = await client.post("/v1/embeddings", json=body, headers={"x-request-id": "e"})
     assert response.status == 200, await response.text()
+    if len(body["input"]) == 4:
+        assert len(await response.read()) >= TAIL_USAGE_MIN
     usage = (await response.json())["usage"]
     assert usage["prompt_tokens"] > 0
     entry = await _charged(client, "platform", "e")
