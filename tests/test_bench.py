@@ -395,3 +395,12 @@ async def test_the_passthrough_forwards_every_workload(
     status, _, _ = await _post(url + "/v1/chat/completions", CHAT_BODY, {})
     assert status == 401  # the mock's answer, passed through
     assert await asyncio.to_thread(probe, url) == []
+
+
+async def test_the_limits_microbenchmark_runs_on_both_stores() -> None:
+    from bench.limits_micro import run
+
+    for sqlite in (False, True):
+        wall, cpu = await run(50, sqlite=sqlite, warmup=10)
+        assert wall > 0
+        assert cpu > 0
