@@ -35,7 +35,6 @@ from aiohttp.typedefs import Handler, Middleware
 from .contract import CALL_KEY, Call, EndpointKind
 from .errors import SidegateError
 from .pricing import (
-    TAIL_USAGE_MIN,
     Estimate,
     Rates,
     SseUsage,
@@ -43,7 +42,7 @@ from .pricing import (
     cost,
     estimate,
     nano_to_usd,
-    usage_at_end,
+    token_usage_at_end,
 )
 from .pricing import usage_from_response as usage_in
 from .ratelimits import RateLimits
@@ -74,9 +73,6 @@ log = structlog.get_logger(__name__)
 
 TEAM_LIMITS_KEY = web.RequestKey("sidegate_team_limits", RateLimits)
 _COMMIT_RETRIES = (0.1, 0.5, 2.0, 5.0, 15.0, 30.0, 60.0)
-_TOKEN_KINDS = frozenset(
-    {EndpointKind.CHAT, EndpointKind.COMPLETE, EndpointKind.EMBEDDINGS, EndpointKind.PASSTHROUGH}
-)
 _T = TypeVar("_T")
 
 
@@ -426,10 +422,9 @@ class _Metered:
         body = response.body if isinstance(response, web.Response) else None
         if not isinstance(body, bytes):
             return None
-        if len(body) >= TAIL_USAGE_MIN and self.kind in _TOKEN_KINDS:  # embeddings, mostly
-            found = usage_at_end(body)
-            if isinstance(found, dict):
-                return usage_in(self.kind.value, {"usage": found})
+        at_end = token_usage_at_end(self.kind, body)  # a long answer (embeddings): no parse
+        if at_end is not None:
+            return at_end
         payload = self.call.answer_json(body)
         if self.kind is EndpointKind.PASSTHROUGH:
             return usage_in("passthrough", payload) if isinstance(payload, dict) else None

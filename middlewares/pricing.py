@@ -53,6 +53,7 @@ __all__ = [
     "is_usage_only_event",
     "nano_to_usd",
     "rates",
+    "token_usage_at_end",
     "usage_at_end",
     "usage_from_response",
     "usage_from_sse",
@@ -398,6 +399,17 @@ TAIL_USAGE_MIN = 1 << 16
 """Answers at least this long are read for their usage from the end (:func:`usage_at_end`)."""
 
 
+def token_usage_at_end(kind: str, body: bytes) -> Usage | None:
+    """The usage of a token-priced answer (chat, complete, embeddings, passthrough) of at least
+    :data:`TAIL_USAGE_MIN` bytes, read by :func:`usage_at_end`: what
+    :func:`usage_from_response` would find in the parsed answer. None when it is shorter, of
+    another kind, or does not end with its usage (then parse it whole)."""
+    if len(body) < TAIL_USAGE_MIN or kind not in _TOKEN_KINDS:
+        return None
+    found = usage_at_end(body)
+    return _token_usage(found) if isinstance(found, dict) else None
+
+
 def usage_at_end(body: bytes) -> Any:
     """The ``usage`` of a JSON object that ends with it, read from its end without parsing the
     rest; None when ``body`` does not end that way (the caller parses it whole then).
@@ -411,27 +423,29 @@ def usage_at_end(body: bytes) -> Any:
     millisecond. Upstreams put ``usage`` last (the vendor references do); one that does not is
     parsed whole.
     """
-    end = len(body) - 1
-    while end >= 0 and body[end] in _WHITESPACE:
-        end -= 1
-    close = end - 1
-    while close >= 0 and body[close] in _WHITESPACE:
-        close -= 1
+    end = _last_visible(body, len(body))
+    close = _last_visible(body, end)
     if close < 1 or body[end] != 0x7D or body[close] != 0x7D:  # "}"
         return None
     start = body.rfind(b"{", 0, close)
-    key = body.rfind(b'"usage"', 0, start)
+    key = body.rfind(b'"usage"', 0, start) if start > 0 else -1
     if key < 1 or body[start:close].find(b"[") >= 0 or body.find(b"\\", key, close) >= 0:
         return None
-    before = key - 1
-    while before >= 0 and body[before] in _WHITESPACE:
-        before -= 1
+    before = _last_visible(body, key)
     if body[key + 7 : start].strip() != b":" or before < 0 or body[before] not in b",{":
         return None
     try:
         return orjson.loads(body[start : close + 1])
     except orjson.JSONDecodeError:
         return None
+
+
+def _last_visible(body: bytes, before: int) -> int:
+    """The index of the last byte before ``before`` that is not JSON whitespace, or -1."""
+    index = before - 1
+    while index >= 0 and body[index] in _WHITESPACE:
+        index -= 1
+    return index
 
 
 def _event_data(event: bytes) -> bytes:

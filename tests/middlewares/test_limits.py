@@ -1,14 +1,20 @@
-"""The limits policy's helpers: starting store operations eagerly, and the windows it reports."""
+"""The limits policy's helpers (starting store operations eagerly, the windows it reports), and
+reading a long answer's usage."""
 
 from __future__ import annotations
 
 import asyncio
+from decimal import Decimal
 
 import pytest
+from aiohttp import web
 
-from sidegate.middlewares.limits import _seen, _started
+from sidegate.config.budgets import Price
+from sidegate.middlewares.contract import CALL_KEY, Call, EndpointKind, Principal, Route, Vendor
+from sidegate.middlewares.limits import LimitsSettings, _seen, _started, limits_middleware
+from sidegate.middlewares.pricing import TAIL_USAGE_MIN, Usage, cost, rates
 from sidegate.middlewares.ratelimits import RateLimits
-from sidegate.middlewares.store import RateDecision, Scope, WindowHit
+from sidegate.middlewares.store import MemoryStores, RateDecision, Scope, WindowHit
 
 
 async def _answer(value: int) -> int:
@@ -101,3 +107,29 @@ def test_seen_reports_the_first_scopes_windows() -> None:
     assert _seen(only_tokens, windows[1:]) == RateLimits(
         limit_tokens=10, remaining_tokens=6, reset_tokens=61.0
     )
+
+
+@pytest.mark.parametrize("long", [True, False])
+async def test_a_long_answer_is_charged_by_the_usage_it_ends_with(long: bool) -> None:
+    prices = rates(Price(input=Decimal("0.02")))
+    middleware = limits_middleware(
+        LimitsSettings(teams={}, prices={"embed": prices}), MemoryStores()
+    )
+    route = Route("meridian", Vendor.MERIDIAN, EndpointKind.EMBEDDINGS, "/v1/embeddings", "embed")
+    call = Call("r", route, b'{"model":"embed","input":"x"}', "application/json", Principal("t"))
+    # Not JSON before its usage: only a read from the end finds the usage.
+    filler = b"," * (TAIL_USAGE_MIN if long else 100)
+    answer = b'{"data":[' + filler + b'],"usage":{"prompt_tokens":3,"total_tokens":3}}'
+
+    async def handler(request: object) -> web.StreamResponse:
+        call.upstream_status = 200
+        return web.Response(body=answer, content_type="application/json")
+
+    await middleware({CALL_KEY: call}, handler)  # type: ignore[arg-type]
+
+    if long:
+        assert call.usage == {"prompt_tokens": 3, "completion_tokens": 0, "images": 0}
+        assert call.cost_nano_usd == cost(Usage(3), prices, "embeddings")
+    else:  # parsed whole, not JSON: the estimate is charged
+        assert call.usage is None
+        assert call.cost_nano_usd == call.cost_estimate_nano_usd
