@@ -517,22 +517,9 @@ class SseUsage:
         return self._text_deltas
 
     def feed(self, chunk: bytes) -> Usage | None:
-        """Read ``chunk``; the final usage once it has been seen, else None."""
-        cut = self._clean_head(chunk)
-        if cut:
-            if cut == len(chunk):
-                return self.usage
-            chunk = chunk[cut:]
-        data = chunk[6:-2]
-        if (
-            self._tail
-            or not (chunk.startswith(b"data: ") and chunk.endswith(b"\n\n"))
-            or 10 in data
-        ):
-            for event in self._events(chunk):
-                self._take(_event_data(event))
-        else:  # the usual chunk, see strip
-            self._take(data)
+        """Read ``chunk``; the final usage once it has been seen, else None. (It reads as
+        :meth:`strip` does; what that would forward is not needed.)"""
+        self.strip(chunk)
         return self.usage
 
     def strip(self, chunk: bytes) -> bytes:
@@ -586,10 +573,7 @@ class SseUsage:
             cut = chunk.rfind(b"\n\n", 0, usage.start()) + 2
         if cut < 3 or chunk[cut - 3] == 10:  # three newlines in a row: leave it to _events
             return 0
-        self._unread_chunks.append(chunk[:cut] if cut < len(chunk) else chunk)
-        self._unread_size += cut + _UNREAD_OVERHEAD
-        if self._unread_size > _UNREAD_MAX:
-            self._read_unread()
+        self._keep(self._unread_chunks, chunk[:cut] if cut < len(chunk) else chunk)
         return cut
 
     def flush(self) -> bytes:
@@ -642,11 +626,15 @@ class SseUsage:
         """
         if 92 in data or data.count(b'"usage"') != data.count(b'"usage":null'):  # 92: "\\"
             return self._read_data(data)
-        self._unread.append(data)
-        self._unread_size += len(data) + _UNREAD_OVERHEAD
+        self._keep(self._unread, data)
+        return False
+
+    def _keep(self, unread: list[bytes], piece: bytes) -> None:
+        """Keep ``piece`` unread in ``unread``; read everything kept once past the bound."""
+        unread.append(piece)
+        self._unread_size += len(piece) + _UNREAD_OVERHEAD
         if self._unread_size > _UNREAD_MAX:
             self._read_unread()
-        return False
 
     def _read_unread(self) -> None:
         unread, self._unread, self._unread_size = self._unread, [], 0
