@@ -79,7 +79,7 @@ class EmbeddingsCacheSettings(Protocol):
 
     ``ttl_s`` is how long an entry lives after its last write; ``scope`` is ``team`` or
     ``shared``; ``float_answers`` is how a vector that came as JSON numbers is kept, ``text``
-    (cheapest to answer again) or ``float32`` (a fifth of the bytes; see
+    (cheapest to answer again) or ``float32`` (under a quarter of the bytes; see
     :mod:`.embeddings_cache_codec`). (``max_bytes`` bounds :class:`MemoryVectorCache`, built by
     the caller.)
     """

@@ -12,7 +12,7 @@ or ``t`` and the JSON text of its numbers. A ``float`` answer is stored only whe
 a float32 value (OpenAI-compatible APIs compute in float32 and print each value as a float64, as
 the mock does); one that is not is passed on and not stored, never rounded. It is kept as text
 when asked (``keep_text``): a ``float`` hit then copies the text into the answer instead of
-formatting 1,536 numbers anew (about 1 ms for 16 vectors), at about five times the bytes; a
+formatting 1,536 numbers anew (about 1 ms for 16 vectors), at about 4.4 times the bytes; a
 ``base64`` hit on it parses the text back. A ``base64`` answer is always kept as float32.
 """
 
