@@ -120,7 +120,6 @@ async def _case(
     n: int,
 ) -> dict[str, float | None]:
     """``n`` requests of ``body``: forwarded (``warm`` None), else hits after ``warm``."""
-    cached = warm is not None
     headers = {"Authorization": f"Bearer {KEY}"}
     if warm is None:
         headers["Cache-Control"] = "no-store"
@@ -133,7 +132,7 @@ async def _case(
         started = time.perf_counter()
         async with session.post(f"{url}/v1/embeddings", json=body, headers=headers) as response:
             await response.read()
-            expected = "hit" if cached else "miss"
+            expected = "miss" if warm is None else "hit"
             if response.status != 200 or response.headers.get("x-sidegate-cache") != expected:
                 detail = (await response.read())[:300]
                 raise RuntimeError(f"unexpected answer {response.status}: {detail!r}")
@@ -183,13 +182,12 @@ async def _run(n: int, pin: bool) -> None:
                     items = [
                         f"{encoding} {i}: " + "lorem ipsum dolor sit amet " * 8 for i in range(16)
                     ]
-                    crossed = [f"x{item}" for item in items]
-                    for case, warm in (
-                        ("forwarded", None),
-                        ("cached", _body(encoding, items)),
-                        (f"cached as {other}", _body(other, crossed)),
+                    crossed = [f"x{item}" for item in items]  # stored by the other encoding
+                    for case, body, warm in (
+                        ("forwarded", _body(encoding, items), None),
+                        ("cached", _body(encoding, items), _body(encoding, items)),
+                        (f"cached as {other}", _body(encoding, crossed), _body(other, crossed)),
                     ):
-                        body = _body(encoding, crossed if other in case else items)
                         result = await _case(session, url, pid, body, warm, n)
                         rows.append((float_answers, encoding, case, result))
         finally:

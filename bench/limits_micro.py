@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,12 @@ _ROUTE = Route(
 _ANSWER = _chat_body()
 
 
-async def run(n: int, *, sqlite: bool = False, warmup: int = 2000) -> tuple[float, float]:
-    """Wall and CPU microseconds a request over ``n`` requests."""
+async def run(
+    n: int, *, sqlite: bool = False, warmup: int = 2000, count: bool = False
+) -> tuple[float, float, int | None]:
+    """Wall and CPU microseconds a request over ``n`` requests; with ``count``, the ledger entries
+    the store holds afterwards (each request, warm-up included, charged once). Counting reads the
+    ledger, so the command line does not: its instructions would mix with the policy's."""
     settings = LimitsSettings(
         teams={"bench": Limits(BudgetRule(10**18, "monthly"), RateRule(10**8, 10**11))},
         prices={CHAT_MODEL: rates(Price(input=Decimal("2.50"), output=Decimal("10.00")))},
@@ -78,8 +83,12 @@ async def run(n: int, *, sqlite: bool = False, warmup: int = 2000) -> tuple[floa
                 await asyncio.sleep(0)  # let the lease writer run
         await stores.meter.flush(final=True)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        entries = None
+        if count:
+            since = datetime.now(UTC) - timedelta(days=1)
+            entries = len(await stores.ledger.query("bench", since, since + timedelta(days=2)))
         await stores.close()
-    return wall / n * 1e6, cpu / n * 1e6
+    return wall / n * 1e6, cpu / n * 1e6, entries
 
 
 def main() -> int:
@@ -87,7 +96,7 @@ def main() -> int:
     parser.add_argument("requests", type=int, nargs="?", default=20_000)
     parser.add_argument("--sqlite", action="store_true", help="the SQLite store, not memory")
     args = parser.parse_args()
-    wall, cpu = asyncio.run(run(args.requests, sqlite=args.sqlite))
+    wall, cpu, _ = asyncio.run(run(args.requests, sqlite=args.sqlite))
     print(
         f"limits policy: {wall:.2f} us wall, {cpu:.2f} us CPU a request ({args.requests} requests)"
     )

@@ -401,6 +401,7 @@ async def test_the_limits_microbenchmark_runs_on_both_stores() -> None:
     from bench.limits_micro import run
 
     for sqlite in (False, True):
-        wall, cpu = await run(50, sqlite=sqlite, warmup=10)
+        wall, cpu, entries = await run(50, sqlite=sqlite, warmup=10, count=True)
         assert wall > 0
         assert cpu > 0
+        assert entries == 60  # every request was metered and written to the store
