@@ -15,9 +15,9 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from sidegate.config.models import SidegateConfig
 from sidegate.middlewares.api_keys import hash_key
