@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, help="runs (default 2; medians over them)")
     parser.add_argument("--duration", type=float, help="seconds per row (default 10)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds before a row (default 2)")
+    parser.add_argument(
+        "--slices",
+        type=int,
+        default=5,
+        help="slices of each row, taken by the targets in turn (default 5; at least 1 s each)",
+    )
     parser.add_argument("--sustain", type=float, help="seconds of each memory load (default 60)")
     parser.add_argument("--events", type=int, default=20, help="content deltas per SSE stream")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
@@ -126,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=args.duration or (2.0 if quick else 10.0),
         warmup_s=args.warmup if args.warmup is not None else (1.0 if quick else 2.0),
         runs=args.runs or (1 if quick else 2),
+        slices=max(1, args.slices),
         sustain_s=args.sustain or (6.0 if quick else 60.0),
         events=args.events,
         targets=targets,
@@ -160,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": options.runs,
         "duration_s": options.duration_s,
         "warmup_s": options.warmup_s,
+        "slices": options.slices,
         "pinning": (
             "proxy under test on CPU 0; mock upstream, wrk, SSE client on CPU 1"
             if pin

@@ -275,8 +275,9 @@ def render(results: Results, meta: dict[str, Any]) -> str:
         f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}), {machine['kernel']}, "
         f"Python {meta['python']}, aiohttp {meta['aiohttp']}; sidegate {meta['commit']}.",
         f"Command: `{meta['command']}`. {meta['runs']} run(s) × {meta['duration_s']:g} s per row "
-        f"(after {meta['warmup_s']:g} s warm-up); figures are medians over runs, ratios are "
-        "taken within a run then the median reported.",
+        f"(after {meta['warmup_s']:g} s warm-up), cut into {meta.get('slices', 1)} slices the "
+        "targets take in turn; figures are medians over runs, ratios are taken within a run "
+        "then the median reported.",
         f"Pinning: {meta['pinning']}. Load average before / after: {meta['load_before']} / "
         f"{meta.get('load_after', '?')}.",
         "",

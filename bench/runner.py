@@ -4,14 +4,22 @@ Pinning (on a machine with at least two CPUs): the process under test on CPU 0; 
 mock, ``wrk``, the SSE client and this orchestrator on CPU 1. The ``--workers`` comparison lets
 every process use both CPUs (two workers need both).
 
-Per run, each target is started fresh, checked (:func:`~bench.targets.probe`), then measured row
-by row: a warm-up at the row's concurrency, a CPU sample of the proxy (and the mock), the measured
-load, a second sample. The peak RSS reported for a row is the process's ``VmHWM`` after it, i.e.
-the peak so far in that target's session (rows run in the order of :data:`ROWS`).
+Per run, every target is started fresh (all pinned to the same CPU, each idle while another is
+measured) and checked (:func:`~bench.targets.probe`); then each row is measured on all of them
+**interleaved**: a warm-up of each target at the row's concurrency, then the row's duration cut
+into slices (``Options.slices``) that the targets take in turn, A B C A B C ..., each slice between
+two CPU samples of the proxy (and the mock). A target's figures for the row are the sums over
+its slices (CPU over all its requests; latencies are the median of its slices'). So a drift of
+the machine's speed over seconds or minutes, which on a shared VM is larger than the difference
+being measured, weighs on every target alike instead of on whichever ran during it. The peak RSS
+reported for a row is the process's ``VmHWM`` after it, i.e. the peak so far in that run (rows
+run in the order of :data:`ROWS`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import time
 from collections.abc import Callable
@@ -22,8 +30,9 @@ from typing import Any
 import orjson
 
 from .load import LoadResult, render_lua, run_sse_client, run_wrk, ttfb_result
-from .procstat import core_ticks, cpu_ms_per_request, memory_kb, other_share, sample_cpu
+from .procstat import TICKS_PER_S, core_ticks, memory_kb, other_share, sample_cpu
 from .sidegate_setup import Configs, render_configs, sidegate_env, workers_supported
+from .stats import median
 from .summary import Measurement
 from .targets import (
     Process,
@@ -73,6 +82,8 @@ class Options:
     duration_s: float = 10.0
     warmup_s: float = 2.0
     runs: int = 2
+    slices: int = 5
+    """Slices each row's duration is cut into, taken in turn by the targets (at least 1 s each)."""
     sustain_s: float = 60.0
     events: int = 20
     targets: tuple[str, ...] = TARGETS
@@ -136,16 +147,77 @@ def run(options: Options, directory: Path, say: Callable[[str], None] = print) -
 
 
 def _one_run(ctx: _Context, index: int) -> None:
-    options = ctx.options
-    log = ctx.directory / f"upstream-run{index + 1}.log"
+    options, results = ctx.options, ctx.results
+    label = f"run{index + 1}"
+    log = ctx.directory / f"upstream-{label}.log"
     upstream = start_upstream(free_port(), cpus=options.load_cpus, log=log, events=options.events)
+    live: list[_Live] = []
     try:
         wait_ready(upstream)
         for target in options.targets:
-            ctx.say(f"  {target}")
-            _session(ctx, index, target, upstream)
+            started = _ready(ctx, target, upstream, label)
+            if started is not None:
+                live.append(started)
+        for row in ROWS:
+            if row.name in options.rows and live:
+                for m in _measure_row(ctx, row, live, index, upstream):
+                    results.measurements.append(m)
+                    rps = f"{m.rps:,.0f}" if m.rps else "?"
+                    cpu = f"{m.cpu_ms:.3f} ms CPU/req" if m.cpu_ms is not None else ""
+                    ctx.say(f"    {row.name} {m.target}: {rps} req/s {cpu} {m.detail}".rstrip())
+        if "paced" in options.sections and index == 0:
+            for one in live:
+                results.paced[one.target] = run_sse_client(
+                    "paced",
+                    one.url + WORKLOADS["stream"].path,
+                    options.load_cpus or "0-1",
+                    "--events",
+                    str(PACED_EVENTS),
+                    "--pace-ms",
+                    str(PACED_MS),
+                )
     finally:
+        for one in live:
+            if one.process is not None:
+                one.process.stop()
+                _scan_log(ctx, one.process)
+        if "sidegate-full" in options.targets and results.store_written is None:
+            db = _db_path(ctx, "sidegate-full", label)
+            results.store_written = db.exists() and db.stat().st_size > 0
         upstream.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class _Live:
+    """A target started for a run: its process (None for ``direct``) and the URL to load."""
+
+    target: str
+    process: Process | None
+    url: str
+
+
+def _ready(ctx: _Context, target: str, upstream: Process, label: str) -> _Live | None:
+    """``target`` started and checked, its idle RSS noted; None (a problem noted) if it fails."""
+    results = ctx.results
+    ctx.say(f"  {target}")
+    try:
+        process = _start(ctx, target, upstream, label, cpus=ctx.options.proxy_cpus)
+    except RuntimeError as exc:
+        results.problems.append(f"{target} ({label}) did not start: {exc}")
+        return None
+    url = process.url if process is not None else upstream.url
+    problems = probe(url)
+    if problems:
+        results.problems.append(f"{target} ({label}) answers wrongly: {'; '.join(problems)}")
+        if process is not None:
+            process.stop()
+            _scan_log(ctx, process)
+        return None
+    if process is not None:
+        rss = memory_kb(process.pid, with_children=process.with_children)
+        if rss is not None:
+            results.idle_rss_kb.setdefault(target, []).append(rss)
+    return _Live(target, process, url)
 
 
 def _start(
@@ -188,50 +260,6 @@ def _db_path(ctx: _Context, target: str, label: str) -> Path:
     return ctx.directory / f"{target}-{label}.db"
 
 
-def _session(ctx: _Context, index: int, target: str, upstream: Process) -> None:
-    options, results = ctx.options, ctx.results
-    label = f"run{index + 1}"
-    try:
-        process = _start(ctx, target, upstream, label, cpus=options.proxy_cpus)
-    except RuntimeError as exc:
-        results.problems.append(f"{target} ({label}) did not start: {exc}")
-        return
-    url = process.url if process is not None else upstream.url
-    try:
-        problems = probe(url)
-        if problems:
-            results.problems.append(f"{target} ({label}) answers wrongly: {'; '.join(problems)}")
-            return
-        if process is not None:
-            rss = memory_kb(process.pid, with_children=process.with_children)
-            if rss is not None:
-                results.idle_rss_kb.setdefault(target, []).append(rss)
-        for row in ROWS:
-            if row.name in options.rows:
-                m = _measure_row(ctx, row, target, index, url, process, upstream)
-                results.measurements.append(m)
-                rps = f"{m.rps:,.0f}" if m.rps else "?"
-                cpu = f"{m.cpu_ms:.3f} ms CPU/req" if m.cpu_ms is not None else ""
-                ctx.say(f"    {row.name}: {rps} req/s {cpu} {m.detail}".rstrip())
-        if "paced" in options.sections and index == 0:
-            results.paced[target] = run_sse_client(
-                "paced",
-                url + WORKLOADS["stream"].path,
-                options.load_cpus or "0-1",
-                "--events",
-                str(PACED_EVENTS),
-                "--pace-ms",
-                str(PACED_MS),
-            )
-    finally:
-        if process is not None:
-            process.stop()
-            _scan_log(ctx, process)
-        if target == "sidegate-full" and results.store_written is None:
-            db = _db_path(ctx, target, label)
-            results.store_written = db.exists() and db.stat().st_size > 0
-
-
 def _scan_log(ctx: _Context, process: Process) -> None:
     """Count access-log lines and unhandled errors (by where they were raised) in sidegate's log.
 
@@ -270,60 +298,66 @@ def _unhandled_where(line: str) -> str:
 def _measure_row(
     ctx: _Context,
     row: RowSpec,
-    target: str,
+    live: list[_Live],
     index: int,
-    url: str,
-    process: Process | None,
     upstream: Process,
-) -> Measurement:
+) -> list[Measurement]:
+    """``row`` on every live target, interleaved slice by slice (see the module docstring)."""
     options = ctx.options
     load_cpus = options.load_cpus or "0-1"
     workload = WORKLOADS[row.workload]
-    endpoint = url + workload.path
-    m = Measurement(row=row.name, target=target, run=index)
-    if row.wrk:
-        script = ctx.scripts[row.workload]
+    script = ctx.scripts[row.workload]
+    slices = max(1, min(options.slices, math.floor(options.duration_s)))
+    slice_s = options.duration_s / slices
 
-        def load() -> LoadResult:
-            return run_wrk(
-                endpoint,
-                script,
-                connections=row.concurrency,
-                duration_s=options.duration_s,
-                cpus=load_cpus,
+    def wrk(url: str, seconds: float) -> LoadResult:
+        return run_wrk(
+            url + workload.path,
+            script,
+            connections=row.concurrency,
+            duration_s=seconds,
+            cpus=load_cpus,
+        )
+
+    def client(url: str, seconds: float) -> LoadResult:
+        data = run_sse_client(
+            "ttfb",
+            url + workload.path,
+            load_cpus,
+            "--concurrency",
+            str(row.concurrency),
+            "--duration",
+            str(seconds),
+        )
+        return ttfb_result(data)
+
+    load = wrk if row.wrk else client
+    if options.warmup_s > 0:
+        for one in live:
+            load(one.url, options.warmup_s)
+    taken: dict[str, list[_Slice]] = {one.target: [] for one in live}
+    for _ in range(slices):
+        for one in live:
+            taken[one.target].append(
+                _sampled(
+                    functools.partial(load, one.url, slice_s), one.process, upstream, _core(options)
+                )
             )
-
-        if options.warmup_s > 0:
-            run_wrk(
-                endpoint,
-                script,
-                connections=row.concurrency,
-                duration_s=options.warmup_s,
-                cpus=load_cpus,
-            )
-        m = _sampled(m, load, process, upstream, _core(options))
-    if row.ttfb:
-
-        def client() -> LoadResult:
-            data = run_sse_client(
-                "ttfb",
-                endpoint,
-                load_cpus,
-                "--concurrency",
-                str(row.concurrency),
-                "--duration",
-                str(options.duration_s),
-            )
-            return ttfb_result(data)
-
-        if row.wrk:
-            timed = client()
-            m = replace(m, ttfb_p50_ms=timed.ttfb_p50_ms, ttfb_p99_ms=timed.ttfb_p99_ms)
+    measured = []
+    for one in live:
+        m = _merged(Measurement(row=row.name, target=one.target, run=index), taken[one.target])
+        if one.process is not None:
+            family = one.process.with_children
+            m.rss_kb = memory_kb(one.process.pid, with_children=family)
+            m.peak_rss_kb = memory_kb(one.process.pid, "VmHWM", with_children=family)
+        measured.append(m)
+    if row.wrk and row.ttfb:  # time to first byte, from the SSE client, after wrk's slices
+        for one, m in zip(live, measured, strict=True):
+            timed = client(one.url, options.duration_s / len(live))
+            m.ttfb_p50_ms, m.ttfb_p99_ms = timed.ttfb_p50_ms, timed.ttfb_p99_ms
             if timed.errors:
                 m.detail = f"{m.detail}; SSE client: {timed.errors} errors {timed.detail}".strip()
-        else:
-            m = _sampled(m, client, process, upstream, _core(options))
-    return m
+    return measured
 
 
 def _core(options: Options) -> int | None:
@@ -332,13 +366,23 @@ def _core(options: Options) -> int | None:
     return int(cpus) if cpus is not None and cpus.isdigit() else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Slice:
+    """One slice of load on one target: what the load saw, and the CPU ticks it cost."""
+
+    result: LoadResult
+    proxy_ticks: int | None
+    upstream_ticks: int
+    core: tuple[int, int] | None
+    """Busy and total ticks of the proxy's CPU over the slice (None: not pinned)."""
+
+
 def _sampled(
-    m: Measurement,
     load: Callable[[], LoadResult],
     process: Process | None,
     upstream: Process,
     core: int | None = None,
-) -> Measurement:
+) -> _Slice:
     """Run ``load`` between two CPU samples of the proxy, of the upstream, and of ``core``.
 
     ``core`` is the CPU the proxy is pinned to (None: not pinned, no noise figure).
@@ -351,31 +395,48 @@ def _sampled(
     upstream_after = sample_cpu(upstream.pid)
     proxy_after = sample_cpu(process.pid, with_children=family) if process else None
     core_after = core_ticks(core) if core is not None else None
-    completed = result.requests
+    return _Slice(
+        result,
+        proxy_after.ticks - proxy_before.ticks if proxy_after and proxy_before else None,
+        upstream_after.ticks - upstream_before.ticks,
+        (core_after[0] - core_before[0], core_after[1] - core_before[1])
+        if core_after is not None and core_before is not None
+        else None,
+    )
+
+
+def _merged(m: Measurement, taken: list[_Slice]) -> Measurement:
+    """``m`` with the figures of its slices: sums of requests, errors, time and CPU ticks (so
+    CPU per request is over all of them), and the median of the slices' latency percentiles."""
+    results = [one.result for one in taken]
+    completed = sum(r.requests for r in results)
+    duration = sum(r.duration_s for r in results)
+    per_s = TICKS_PER_S
+    proxy = [one.proxy_ticks for one in taken]
+    own = sum(t for t in proxy if t is not None)
+    cores = [one.core for one in taken if one.core is not None]
     other = None
-    if core is not None and core_before is not None and core_after is not None:
-        own = proxy_after.ticks - proxy_before.ticks if proxy_after and proxy_before else 0
-        share = other_share(core_before, core_after, own)
+    if cores and len(cores) == len(taken):
+        share = other_share((0, 0), (sum(c[0] for c in cores), sum(c[1] for c in cores)), own)
         other = share * 100.0 if share is not None else None
+    details = sorted({r.detail for r in results if r.detail})
     return replace(
         m,
         requests=completed,
-        errors=result.errors,
-        rps=result.rps,
-        p50_ms=result.p50_ms,
-        p99_ms=result.p99_ms,
-        ttfb_p50_ms=result.ttfb_p50_ms,
-        ttfb_p99_ms=result.ttfb_p99_ms,
-        cpu_ms=(
-            cpu_ms_per_request(proxy_before, proxy_after, completed)
-            if proxy_before is not None and proxy_after is not None
+        errors=sum(r.errors for r in results),
+        rps=completed / duration if duration > 0 else None,
+        p50_ms=median(r.p50_ms for r in results),
+        p99_ms=median(r.p99_ms for r in results),
+        ttfb_p50_ms=median(r.ttfb_p50_ms for r in results),
+        ttfb_p99_ms=median(r.ttfb_p99_ms for r in results),
+        cpu_ms=(own * 1000.0 / per_s / completed if completed > 0 and None not in proxy else None),
+        upstream_cpu_ms=(
+            sum(one.upstream_ticks for one in taken) * 1000.0 / per_s / completed
+            if completed > 0
             else None
         ),
-        upstream_cpu_ms=cpu_ms_per_request(upstream_before, upstream_after, completed),
         other_cpu_pct=other,
-        rss_kb=memory_kb(process.pid, with_children=family) if process else None,
-        peak_rss_kb=memory_kb(process.pid, "VmHWM", with_children=family) if process else None,
-        detail=result.detail,
+        detail="; ".join(details),
     )
 
 
@@ -444,7 +505,7 @@ def _workers(ctx: _Context, index: int) -> None:
                     if options.warmup_s > 0:
                         load(options.warmup_s)
                     m = Measurement(row=f"workers-{count}", target=target, run=index)
-                    m = _sampled(m, lambda: load(options.duration_s), process, upstream)
+                    m = _merged(m, [_sampled(lambda: load(options.duration_s), process, upstream)])
                     results.workers.append(m)
                     ctx.say(f"    {count} worker(s): {m.rps or 0:,.0f} req/s")
                 finally:

@@ -24,11 +24,11 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from bench import procstat, sse_client
 from bench.cli import select
-from bench.load import parse_wrk_output, render_lua
+from bench.load import LoadResult, parse_wrk_output, render_lua
 from bench.passthrough import make_app
 from bench.profile import package_of, parse_collapsed
 from bench.report import fmt, render_table
-from bench.runner import ROWS, SECTIONS, TARGETS
+from bench.runner import ROWS, SECTIONS, TARGETS, _merged, _Slice
 from bench.sidegate_setup import TEMPLATES, deep_merge, sidegate_env
 from bench.stats import median, percentile, ratio
 from bench.summary import Measurement, aggregate
@@ -143,6 +143,34 @@ def test_ratio() -> None:
     assert ratio(None, 1.0) is None
     assert ratio(1.0, None) is None
     assert ratio(1.0, 0.0) is None
+
+
+def test_a_rows_slices_add_up_to_one_measurement() -> None:
+    """CPU per request is over all the slices' requests (a slow slice with few requests weighs
+    by its requests, not as one slice in a mean); latencies are the slices' median."""
+    ticks = procstat.TICKS_PER_S
+
+    def piece(requests: int, cpu_s: float, p50: float, busy: int, total: int) -> _Slice:
+        load = LoadResult(requests, 1, 2.0, p50, p50 * 3, detail="timeout 1")
+        return _Slice(load, round(cpu_s * ticks), 1, (busy, total))
+
+    merged = _merged(
+        Measurement("chat-c16", "passthrough", 0),
+        [
+            piece(3000, 0.6, 1.0, 70, 100),
+            piece(1000, 0.4, 4.0, 50, 100),  # a slow slice: 0.4 ms a request
+            piece(3000, 0.6, 1.5, 60, 100),
+        ],
+    )
+    assert merged.requests == 7000
+    assert merged.errors == 3
+    assert merged.rps == pytest.approx(7000 / 6.0)
+    assert merged.cpu_ms == pytest.approx(1.6 * 1000 / 7000)  # not the mean of 0.2, 0.4, 0.2
+    assert merged.p50_ms == pytest.approx(1.5)
+    assert merged.p99_ms == pytest.approx(4.5)
+    own = round(1.6 * ticks)
+    assert merged.other_cpu_pct == pytest.approx((180 - own) / 300 * 100)
+    assert merged.detail == "timeout 1"
 
 
 def test_ratios_are_taken_within_a_run_then_the_median_over_runs() -> None:
