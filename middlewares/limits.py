@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import math
+import os
 import secrets
 import time
 import types
 from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import orjson
 import structlog
@@ -173,9 +175,7 @@ def limits_middleware(
                 await asyncio.shield(metered.release())
             raise
         settling = _started(metered.settle(response))
-        if settling.done():  # nothing to wait for (see _started): no shield, no trip
-            settling.result()
-        else:
+        if not isinstance(settling, _Done):  # else nothing to wait for: no shield, no trip
             await asyncio.shield(settling)
         return response
 
@@ -242,7 +242,7 @@ class _Metered:
         self.kind = call.route.kind
         self.estimate = self._estimate()
         call.cost_estimate_nano_usd = self.estimate.cost_nano
-        self.reservation_id = secrets.token_hex(16)  # never the client's x-request-id
+        self.reservation_id = _reservation_id()  # never the client's x-request-id
         self.reserved: list[tuple[Scope, str]] = []
         self.token_windows: list[tuple[Scope, int, float]] = []
         self.sse: SseUsage | None = None
@@ -297,8 +297,8 @@ class _Metered:
         meter = self.stores.meter
         ttl = self.settings.reservation_ttl_s
         admitting = _started(meter.admit(hits, holds, self.reservation_id, ttl))
-        if admitting.done():  # answered at once (see _started): nothing to wait for or undo
-            return admitting.result()
+        if isinstance(admitting, _Done):  # answered at once: nothing to wait for or undo
+            return admitting.value
         try:
             return await asyncio.shield(admitting)
         except asyncio.CancelledError:
@@ -497,21 +497,27 @@ class _Metered:
         task.add_done_callback(self.pending.discard)
 
 
-def _started(work: Coroutine[Any, Any, _T]) -> asyncio.Future[_T]:
-    """``work`` as a future, like :func:`asyncio.ensure_future`, but run at once up to its first
-    wait: when it finishes without waiting (the memory store, or a leased meter answering from
-    its lease) the future is already done, and neither a task nor a trip round the event loop is
-    spent on it (``asyncio.shield`` of a done future is that future). Otherwise a task carries it
-    on from where it stopped. Until then it runs synchronously in the caller, so no cancellation
-    can reach it there. An exception it raises before waiting is raised here."""
-    loop = asyncio.get_running_loop()
+class _Done(Generic[_T]):
+    """What :func:`_started` gives for work that finished without waiting: its result."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: _T) -> None:
+        self.value = value
+
+
+def _started(work: Coroutine[Any, Any, _T]) -> _Done[_T] | asyncio.Task[_T]:
+    """``work`` run at once up to its first wait, like :func:`asyncio.ensure_future` but eager:
+    when it finishes without waiting (the memory store, or a leased meter answering from its
+    lease) its result comes back as a :class:`_Done`, and neither a task, a future nor a trip
+    round the event loop is spent on it. Otherwise a task carries it on from where it stopped.
+    Until then it runs synchronously in the caller, so no cancellation can reach it there. An
+    exception it raises before waiting is raised here."""
     try:
         waiting = work.send(None)
     except StopIteration as finished:
-        done: asyncio.Future[_T] = loop.create_future()
-        done.set_result(finished.value)
-        return done
-    return loop.create_task(_carry_on(work, waiting))
+        return _Done(finished.value)
+    return asyncio.get_running_loop().create_task(_carry_on(work, waiting))
 
 
 async def _carry_on(work: Coroutine[Any, Any, _T], waiting: Any) -> _T:
@@ -533,6 +539,26 @@ def _resumed(work: Coroutine[Any, Any, _T], waiting: Any) -> Generator[Any, None
             waiting = resume()
         except StopIteration as finished:
             return finished.value  # type: ignore[no-any-return]
+
+
+class _ReservationIds:
+    """Reservation ids unique across every process that shares a store, without a system call
+    each (``secrets.token_hex`` reads the kernel's random source every time): 96 random bits
+    drawn once per process, and again in a forked child, then a counter."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self.prefix = secrets.token_hex(12)
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+_reservation_id = _ReservationIds()
 
 
 def _call_team(call: Call) -> str | None:

@@ -4,6 +4,7 @@ reading a long answer's usage."""
 from __future__ import annotations
 
 import asyncio
+import os
 from decimal import Decimal
 
 import pytest
@@ -11,7 +12,14 @@ from aiohttp import web
 
 from sidegate.config.budgets import Price
 from sidegate.middlewares.contract import CALL_KEY, Call, EndpointKind, Principal, Route, Vendor
-from sidegate.middlewares.limits import LimitsSettings, _seen, _started, limits_middleware
+from sidegate.middlewares.limits import (
+    LimitsSettings,
+    _Done,
+    _reservation_id,
+    _seen,
+    _started,
+    limits_middleware,
+)
 from sidegate.middlewares.pricing import TAIL_USAGE_MIN, Usage, cost, rates
 from sidegate.middlewares.ratelimits import RateLimits
 from sidegate.middlewares.store import MemoryStores, RateDecision, Scope, WindowHit
@@ -31,13 +39,14 @@ async def _after_waiting(value: int) -> int:
 async def test_work_that_never_waits_is_done_at_once_without_a_task() -> None:
     tasks = len(asyncio.all_tasks())
     started = _started(_answer(7))
-    assert started.done()
+    assert isinstance(started, _Done)
+    assert started.value == 7
     assert len(asyncio.all_tasks()) == tasks
-    assert await asyncio.shield(started) == 7
 
 
 async def test_work_that_waits_goes_on_in_a_task() -> None:
     started = _started(_after_waiting(5))
+    assert isinstance(started, asyncio.Task)
     assert not started.done()
     assert await asyncio.shield(started) == 6
 
@@ -52,8 +61,10 @@ async def test_errors_reach_the_caller_before_or_after_waiting() -> None:
 
     with pytest.raises(ValueError, match="at once"):
         _started(at_once())
+    started = _started(later())
+    assert not isinstance(started, _Done)
     with pytest.raises(ValueError, match="later"):
-        await _started(later())
+        await started
 
 
 async def test_shielded_work_outlives_a_cancelled_caller() -> None:
@@ -63,7 +74,9 @@ async def test_shielded_work_outlives_a_cancelled_caller() -> None:
         await asyncio.sleep(0.02)
         finished.append(1)
 
-    caller = asyncio.ensure_future(asyncio.shield(_started(work())))
+    started = _started(work())
+    assert not isinstance(started, _Done)
+    caller = asyncio.ensure_future(asyncio.shield(started))
     await asyncio.sleep(0.005)
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -83,11 +96,30 @@ async def test_cancelling_the_task_cancels_the_work_it_carries() -> None:
             raise
 
     started = _started(work())
+    assert not isinstance(started, _Done)
     await asyncio.sleep(0)
     started.cancel()
     with pytest.raises(asyncio.CancelledError):
         await started
     assert seen == ["cancelled"]
+
+
+def test_reservation_ids_are_unique_and_a_forked_child_draws_its_own() -> None:
+    ids = {_reservation_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    mine = _reservation_id()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: report its first id, and leave at once
+        os.write(write, _reservation_id().encode())
+        os._exit(0)
+    os.close(write)
+    theirs = os.read(read, 200).decode()
+    os.close(read)
+    os.waitpid(child, 0)
+    assert len(theirs) >= 24
+    assert theirs[:24] != mine[:24]  # another process's ids never meet these
+    assert theirs not in ids
 
 
 def _decision(remaining: int, reset_at: float) -> RateDecision:
