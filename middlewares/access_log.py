@@ -8,7 +8,6 @@ logged during the request, sent upstream, and returned to the client on every re
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Protocol
 
@@ -18,6 +17,7 @@ from aiohttp.typedefs import Handler, Middleware
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from .contract import CALL_KEY, REQUEST_ID_KEY, Call
+from .ids import random_hex
 
 __all__ = ["RequestObserver", "access_log_middleware", "add_request_id", "stamp_request_id"]
 
@@ -48,7 +48,7 @@ def access_log_middleware(*, observer: RequestObserver | None = None) -> Middlew
     @web.middleware
     async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = _client_request_id(request.headers.get("x-request-id"))
-        request[REQUEST_ID_KEY] = request_id = request_id or os.urandom(12).hex()
+        request[REQUEST_ID_KEY] = request_id = request_id or random_hex(12)
         started = time.perf_counter()
         status = 500
         tokens = bind_contextvars(request_id=request_id)

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import math
-import os
-import secrets
 import time
 import types
 from collections.abc import Callable, Coroutine, Generator, Mapping
@@ -36,6 +33,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from .contract import CALL_KEY, Call, EndpointKind
 from .errors import SidegateError
+from .ids import random_hex
 from .pricing import (
     Estimate,
     Rates,
@@ -242,7 +240,7 @@ class _Metered:
         self.kind = call.route.kind
         self.estimate = self._estimate()
         call.cost_estimate_nano_usd = self.estimate.cost_nano
-        self.reservation_id = _reservation_id()  # never the client's x-request-id
+        self.reservation_id = random_hex(16)  # never the client's x-request-id
         self.reserved: list[tuple[Scope, str]] = []
         self.token_windows: list[tuple[Scope, int, float]] = []
         self.sse: SseUsage | None = None
@@ -539,26 +537,6 @@ def _resumed(work: Coroutine[Any, Any, _T], waiting: Any) -> Generator[Any, None
             waiting = resume()
         except StopIteration as finished:
             return finished.value  # type: ignore[no-any-return]
-
-
-class _ReservationIds:
-    """Reservation ids unique across every process that shares a store, without a system call
-    each (``secrets.token_hex`` reads the kernel's random source every time): 96 random bits
-    drawn once per process, and again in a forked child, then a counter."""
-
-    def __init__(self) -> None:
-        self.renew()
-        os.register_at_fork(after_in_child=self.renew)
-
-    def renew(self) -> None:
-        self.prefix = secrets.token_hex(12)
-        self.counter = itertools.count()
-
-    def __call__(self) -> str:
-        return f"{self.prefix}{next(self.counter):x}"
-
-
-_reservation_id = _ReservationIds()
 
 
 def _call_team(call: Call) -> str | None:

@@ -7,7 +7,6 @@ the forwarded bytes and nowhere else. ``/upstreams/{name}/v1/...`` goes to one n
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +32,7 @@ from sidegate.middlewares.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from sidegate.middlewares.ids import random_hex
 
 from .body import form_field_span, json_string_span, read_body, splice
 from .dialects import MODEL_FIELD, Endpoint
@@ -77,7 +77,7 @@ def route_middleware(
         principal = request.get(PRINCIPAL_KEY)
         if principal is None:
             raise Unauthorized("No API key was provided.")
-        request_id = request.get(REQUEST_ID_KEY) or os.urandom(12).hex()
+        request_id = request.get(REQUEST_ID_KEY) or random_hex(12)
         if endpoint is PASSTHROUGH:
             if ADMIN_ROLE not in principal.roles:
                 raise Forbidden("/upstreams/... needs the admin role.", code="admin_required")

@@ -4,7 +4,6 @@ reading a long answer's usage."""
 from __future__ import annotations
 
 import asyncio
-import os
 from decimal import Decimal
 
 import pytest
@@ -15,7 +14,6 @@ from sidegate.middlewares.contract import CALL_KEY, Call, EndpointKind, Principa
 from sidegate.middlewares.limits import (
     LimitsSettings,
     _Done,
-    _reservation_id,
     _seen,
     _started,
     limits_middleware,
@@ -102,24 +100,6 @@ async def test_cancelling_the_task_cancels_the_work_it_carries() -> None:
     with pytest.raises(asyncio.CancelledError):
         await started
     assert seen == ["cancelled"]
-
-
-def test_reservation_ids_are_unique_and_a_forked_child_draws_its_own() -> None:
-    ids = {_reservation_id() for _ in range(10_000)}
-    assert len(ids) == 10_000
-    mine = _reservation_id()
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # the child: report its first id, and leave at once
-        os.write(write, _reservation_id().encode())
-        os._exit(0)
-    os.close(write)
-    theirs = os.read(read, 200).decode()
-    os.close(read)
-    os.waitpid(child, 0)
-    assert len(theirs) >= 24
-    assert theirs[:24] != mine[:24]  # another process's ids never meet these
-    assert theirs not in ids
 
 
 def _decision(remaining: int, reset_at: float) -> RateDecision:
