@@ -115,8 +115,8 @@ class _Rewriter:
             for name in RATELIMIT_HEADERS:
                 headers.popall(name, None)
             if _PREFIX in "\n".join(headers).lower():  # some other x-ratelimit-* header (rare)
-                for name in [name for name in headers if name.lower().startswith(_PREFIX)]:
-                    headers.popall(name, None)
+                for other in [name for name in headers if name.lower().startswith(_PREFIX)]:
+                    headers.popall(other, None)
         if limits is not None:  # none of its headers is left: extend is update
             headers.extend(limits.header_items())
 

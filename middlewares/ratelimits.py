@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 from aiohttp import ClientError, ClientResponse
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from .values import value_type
 
@@ -51,10 +51,11 @@ _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|us|µs|ns|h|m|s))+")
 _NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 
 RATELIMIT_HEADERS = tuple(
-    f"x-ratelimit-{field}-{window}"
+    istr(f"x-ratelimit-{field}-{window}")
     for window in ("requests", "tokens")
     for field in ("limit", "remaining", "reset")
 )
+"""The six names, as ``istr``: a case-insensitive multidict folds an ``istr`` once, not per use."""
 
 
 def _number(value: str) -> float | None:
@@ -181,9 +182,21 @@ class RateLimits:
 
     def header_items(self) -> list[tuple[str, str]]:
         """:meth:`headers` as ``(name, value)`` pairs, in the order of :data:`RATELIMIT_HEADERS`."""
+        values = _values(self)
+        if None not in values:  # all six (a team's own limits, on every request): no loop
+            limit_r, remaining_r, reset_r, limit_t, remaining_t, reset_t = values
+            n = RATELIMIT_HEADERS
+            return [
+                (n[0], str(limit_r)),
+                (n[1], str(remaining_r)),
+                (n[2], str(math.ceil(reset_r))),
+                (n[3], str(limit_t)),
+                (n[4], str(remaining_t)),
+                (n[5], str(math.ceil(reset_t))),
+            ]
         return [
             (name, str(math.ceil(value)) if is_reset else str(value))
-            for (name, is_reset), value in zip(_NAMES, _values(self), strict=True)
+            for (name, is_reset), value in zip(_NAMES, values, strict=True)
             if value is not None
         ]
 

@@ -390,6 +390,15 @@ def test_header_items_are_the_headers_in_order() -> None:
     ]
     assert list(limits.headers().items()) == limits.header_items()
     assert RateLimits().header_items() == []
+    every = RateLimits(10, 9, 100.2, 1000, 990, 160.0)  # all six: the path without a loop
+    assert every.header_items() == [
+        ("x-ratelimit-limit-requests", "10"),
+        ("x-ratelimit-remaining-requests", "9"),
+        ("x-ratelimit-reset-requests", "101"),
+        ("x-ratelimit-limit-tokens", "1000"),
+        ("x-ratelimit-remaining-tokens", "990"),
+        ("x-ratelimit-reset-tokens", "160"),
+    ]
 
 
 @pytest.mark.parametrize("extra", [[], [("X-RateLimit-Limit-Images", "5")]])
