@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import bisect
+import time
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from sidegate.middlewares.keys import KeyPools
 
 __all__ = ["LATENCY_BUCKETS", "Metrics"]
-
-_Recorder = tuple[Callable[[], None], Callable[[float], None]]  # count a request, observe latency
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -23,25 +24,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter(
-            "sidegate_requests",
-            "Requests answered by sidegate, by endpoint and status.",
-            ["endpoint", "status"],
-            registry=self.registry,
-        )
-        self._latency = Histogram(
-            "sidegate_request_duration_seconds",
-            "Time from request to the end of the response, by endpoint.",
-            ["endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._upstream = Counter(
-            "sidegate_upstream_responses",
-            "Responses received from upstreams, by upstream and status.",
-            ["upstream", "status"],
-            registry=self.registry,
-        )
+        self._traffic = _Traffic()  # requests, their durations, upstream responses
+        self.registry.register(self._traffic)
         self.streams_in_flight = Gauge(
             "sidegate_streams_in_flight",
             "Streamed responses being passed through now.",
@@ -88,9 +72,6 @@ class Metrics:
             registry=self.registry,
         )
         self._children: dict[tuple[str, ...], MetricWrapperBase] = {}
-        # The per-request updates, bound once per label pair (the hot path is two dict lookups).
-        self._recorders: dict[tuple[str, int], _Recorder] = {}
-        self._upstream_counters: dict[tuple[str, int], Callable[[], None]] = {}
 
     def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
         key = (metric._name, *labels)
@@ -101,23 +82,10 @@ class Metrics:
 
     def record(self, endpoint: str, status: int, latency_s: float) -> None:
         """One answered request (called by the access log middleware)."""
-        recorder = self._recorders.get((endpoint, status))
-        if recorder is None:
-            recorder = self._recorders[(endpoint, status)] = (
-                self._child(self._requests, endpoint, str(status)).inc,  # type: ignore[attr-defined]
-                self._child(self._latency, endpoint).observe,  # type: ignore[attr-defined]
-            )
-        count, observe = recorder
-        count()
-        observe(latency_s)
+        self._traffic.record(endpoint, status, latency_s)
 
     def upstream_response(self, upstream: str, status: int) -> None:
-        count = self._upstream_counters.get((upstream, status))
-        if count is None:
-            count = self._upstream_counters[(upstream, status)] = self._child(
-                self._upstream, upstream, str(status)
-            ).inc  # type: ignore[attr-defined]
-        count()
+        self._traffic.upstream_response(upstream, status)
 
     def retried(self, failure: str) -> None:
         """RetryObserver: one retry went upstream."""
@@ -149,6 +117,92 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Traffic(Collector):
+    """The per-request metrics, kept as plain numbers and turned into metric families (the
+    samples prometheus_client's Counter and Histogram would give) only when scraped.
+
+    ``sidegate_requests_total{endpoint,status}``, ``sidegate_request_duration_seconds
+    {endpoint}`` and ``sidegate_upstream_responses_total{upstream,status}``, each with its
+    ``_created`` samples. sidegate counts from its event loop's thread only.
+    """
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, int], list[float]] = {}  # [count, created]
+        self._latency: dict[str, _Histogram] = {}
+        self._upstream: dict[tuple[str, int], list[float]] = {}  # [count, created]
+
+    def record(self, endpoint: str, status: int, latency_s: float) -> None:
+        counted = self._requests.get((endpoint, status))
+        if counted is None:
+            counted = self._requests[(endpoint, status)] = [0.0, time.time()]
+        counted[0] += 1.0
+        latency = self._latency.get(endpoint)
+        if latency is None:
+            latency = self._latency[endpoint] = _Histogram(time.time())
+        latency.observe(latency_s)
+
+    def upstream_response(self, upstream: str, status: int) -> None:
+        counted = self._upstream.get((upstream, status))
+        if counted is None:
+            counted = self._upstream[(upstream, status)] = [0.0, time.time()]
+        counted[0] += 1.0
+
+    def collect(self) -> Iterator[Metric]:
+        requests = Metric(
+            "sidegate_requests", "Requests answered by sidegate, by endpoint and status.", "counter"
+        )
+        for (endpoint, status), (count, created) in self._requests.items():
+            labels = {"endpoint": endpoint, "status": str(status)}
+            requests.add_sample("sidegate_requests_total", labels, count)
+            requests.add_sample("sidegate_requests_created", labels, created)
+        yield requests
+        name = "sidegate_request_duration_seconds"
+        latency = Metric(
+            name, "Time from request to the end of the response, by endpoint.", "histogram"
+        )
+        for endpoint, histogram in self._latency.items():
+            labels = {"endpoint": endpoint}
+            cumulative = 0.0
+            for bound, count in zip(_LATENCY_LE, histogram.buckets, strict=True):
+                cumulative += count
+                latency.add_sample(f"{name}_bucket", {**labels, "le": bound}, cumulative)
+            latency.add_sample(f"{name}_count", labels, cumulative)
+            latency.add_sample(f"{name}_sum", labels, histogram.sum)
+            latency.add_sample(f"{name}_created", labels, histogram.created)
+        yield latency
+        upstream = Metric(
+            "sidegate_upstream_responses",
+            "Responses received from upstreams, by upstream and status.",
+            "counter",
+        )
+        for (name_, status), (count, created) in self._upstream.items():
+            labels = {"upstream": name_, "status": str(status)}
+            upstream.add_sample("sidegate_upstream_responses_total", labels, count)
+            upstream.add_sample("sidegate_upstream_responses_created", labels, created)
+        yield upstream
+
+
+class _Histogram:
+    """One endpoint's latencies: a count per bucket (not cumulative; the last is +Inf), the sum."""
+
+    __slots__ = ("buckets", "created", "sum")
+
+    def __init__(self, created: float) -> None:
+        self.buckets = [0.0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.created = created
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1.0
+
+
+_LATENCY_LE = (
+    *(floatToGoString(bound) for bound in LATENCY_BUCKETS),  # type: ignore[no-untyped-call]
+    "+Inf",
+)
 
 
 class _KeyStates(Collector):

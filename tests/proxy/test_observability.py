@@ -120,8 +120,8 @@ async def test_below_info_no_access_line_is_built_and_metrics_still_count(
 
 
 def test_the_metrics_read_as_prometheus_client_would_write_them() -> None:
-    """The per-request metrics read exactly as prometheus_client's own Counter and Histogram
-    write the same observations."""
+    """The per-request metrics are plain numbers until scraped; the exposition is the one
+    prometheus_client's Counter and Histogram give for the same observations."""
     observed = [
         ("/v1/chat/completions", 200, 0.003),
         ("/v1/chat/completions", 200, 0.025),  # on a bucket bound
