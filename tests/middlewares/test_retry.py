@@ -296,3 +296,68 @@ def test_config_defaults_and_int_conditions() -> None:
         RetryConfig.model_validate({"retry_on": [404]})
     with pytest.raises(ValueError, match="max_delay_s"):
         RetryConfig(base_delay_s=2, max_delay_s=1)
+
+
+class _Seen:
+    """A retry observer that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, ...]] = []
+
+    def retried(self, failure: str) -> None:
+        self.events.append(("retried", failure))
+
+    def stopped(self, failure: str, reason: str) -> None:
+        self.events.append(("stopped", failure, reason))
+
+
+@pytest.mark.parametrize(
+    ("fault", "stopped", "last_failure"),
+    [
+        (Fault(status=503), [("stopped", "503", "max_attempts")], "503"),
+        (Fault(status=502), [], None),  # retried only with an Idempotency-Key: not a stop
+        (Fault(status=400), [], None),
+        (None, [], None),
+    ],
+    ids=["503", "502-unkeyed", "400", "200"],
+)
+async def test_one_attempt_reports_as_the_last_attempt_of_many_does(
+    meridian: Upstream,
+    clock: FakeClock,
+    fault: Fault | None,
+    stopped: list[tuple[str, ...]],
+    last_failure: str | None,
+) -> None:
+    # max_attempts: 1 takes a path of its own (no loop, no retry budget); what it records must
+    # be what the last of several attempts records.
+    results = []
+    for attempts in (1, 2):
+        seen, budget = _Seen(), RetryBudget(0.2, 3)
+        if fault is not None:
+            meridian.state.script(fault, fault)
+        async with session(clock, max_attempts=attempts, observer=seen, budget=budget) as client:
+            status, _, _, outbound = await chat(client, meridian)
+        results.append((status, outbound.last_failure, outbound.gave_up, outbound.stop_reason))
+        assert [event for event in seen.events if event[0] == "stopped"] == stopped
+        assert outbound.attempts == (attempts if stopped else 1)
+        assert (budget.in_flight, budget.retrying) == (0, 0)
+
+    one, two = results
+    assert one[:2] == two[:2] == (fault.status if fault else 200, last_failure)
+    assert one[3] == two[3] == ("max_attempts" if stopped else None)
+    assert (one[2], two[2]) == (False, bool(stopped))  # gave up: only after a retry
+
+
+async def test_one_attempt_stops_on_a_connection_failure_and_raises(clock: FakeClock) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    seen = _Seen()
+    async with session(clock, max_attempts=1, observer=seen) as client:
+        with outbound_scope() as outbound, pytest.raises(aiohttp.ClientConnectorError):
+            await client.get(f"http://127.0.0.1:{port}/v1/models")
+
+    assert (outbound.attempts, outbound.last_failure) == (1, "connect_error")
+    assert outbound.gave_up is False
+    assert seen.events == [("stopped", "connect_error", "max_attempts")]
+    assert clock.sleeps == []
