@@ -80,16 +80,33 @@ def _enabled(logger: Any) -> bool:
 
 def _log(logger: Any, request: web.Request, request_id: str, status: int, latency: float) -> None:
     call = request.get(CALL_KEY)
-    routed = _routed_fields(call) if call is not None else {}
-    logger.info(
-        "request",
-        request_id=request_id,
-        method=request.method,
-        path=request.path,
-        status=status,
-        latency_ms=round(latency * 1000.0, 3),
-        **routed,
-    )
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "latency_ms": round(latency * 1000.0, 3),
+    }
+    if call is not None:
+        fields.update(_routed_fields(call))
+    if type(logger) not in _FILTERING:
+        logger.info("request", **fields)
+        return
+    # structlog's own filtering loggers: what their ``info`` does (``_proxy_to_logger``, made of
+    # ``_process_event``, the helper structlog documents for wrapper classes), less three
+    # re-packings of some twenty keyword arguments on the way there (about 3 µs a line).
+    try:
+        args, kwargs = logger._process_event("info", "request", fields)
+    except structlog.DropEvent:
+        return
+    logger._logger.info(*args, **kwargs)
+
+
+_FILTERING = frozenset(
+    structlog.make_filtering_bound_logger(level)
+    for level in (logging.NOTSET, logging.DEBUG, logging.INFO)
+)
+"""The wrapper classes whose enabled ``info`` is ``_proxy_to_logger`` and nothing more."""
 
 
 def _routed_fields(call: Call) -> dict[str, Any]:

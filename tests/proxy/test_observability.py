@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import orjson
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -117,6 +118,26 @@ async def test_below_info_no_access_line_is_built_and_metrics_still_count(
     lines = [orjson.loads(line) for line in log_output.getvalue().splitlines()]
     (line,) = [line for line in lines if line["event"] == "request"]
     assert (line["status"], line["request_id"]) == (200, response.headers["x-request-id"])
+
+
+async def test_the_access_line_is_the_one_structlogs_own_info_call_writes(
+    gateway: Client, log_output: io.StringIO
+) -> None:
+    # With structlog's filtering loggers the access log skips their keyword re-packing and
+    # calls their processing helper itself: the line must be what ``info(...)`` would write.
+    configure_logging("info", "json", stream=log_output, cache=False)
+    assert (await gateway.post("/v1/chat/completions", json=CHAT)).status == 200
+    (written,) = [line for line in log_output.getvalue().splitlines() if '"request"' in line]
+    fields = orjson.loads(written)
+    stamp = fields.pop("timestamp")
+    assert (fields.pop("event"), fields.pop("level")) == ("request", "info")
+    assert {"upstream", "usage", "bytes_out"} <= fields.keys()
+    log_output.seek(0)
+    log_output.truncate()
+    structlog.get_logger("sidegate.access").info("request", **fields)
+    again = orjson.loads(log_output.getvalue())
+    assert list(again) == list(orjson.loads(written))
+    assert {**again, "timestamp": stamp} == orjson.loads(written)
 
 
 def test_the_metrics_read_as_prometheus_client_would_write_them() -> None:
