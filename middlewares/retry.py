@@ -218,9 +218,11 @@ def retry_middleware(
     or one longer than 255 characters, raise :class:`InvalidIdempotencyKey` (400) unsent.
 
     ``budget`` (one per middleware unless shared) limits concurrent retrying requests; a request
-    over it stops with its last failure. Progress and outcome are recorded on the current
-    :class:`~sidegate.middlewares.outbound.Outbound`. ``clock`` measures the deadline,
-    ``wall_clock`` reads HTTP-dates and unix resets, ``sleep`` waits, ``rng`` draws the jitter.
+    over it stops with its last failure. With ``max_attempts`` 1 a request cannot retry: it does
+    not enter the budget (nor count towards its in-flight share). Progress and outcome are
+    recorded on the current :class:`~sidegate.middlewares.outbound.Outbound`. ``clock`` measures
+    the deadline, ``wall_clock`` reads HTTP-dates and unix resets, ``sleep`` waits, ``rng`` draws
+    the jitter.
     """
     _validate(settings)
     shared = RetryBudget(settings.budget_ratio, settings.budget_min) if budget is None else budget
