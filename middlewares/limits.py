@@ -180,6 +180,7 @@ def limits_middleware(
     return limits
 
 
+_KIND_NAMES = {kind: kind.value for kind in EndpointKind}
 _PLANS_MAX = 10_000
 """Principals whose :class:`_Plan` is kept (the plans are rebuilt when there are more)."""
 
@@ -238,6 +239,7 @@ class _Metered:
         self.clock = clock
         self.pending = pending
         self.kind = call.route.kind
+        self.kind_name = _KIND_NAMES[self.kind]  # .value is a Python-level descriptor on 3.11
         self.estimate = self._estimate()
         call.cost_estimate_nano_usd = self.estimate.cost_nano
         self.reservation_id = random_hex(16)  # never the client's x-request-id
@@ -250,7 +252,7 @@ class _Metered:
             return Estimate(0, 0, 0, self.settings.passthrough_reserve_nano)
         body: Mapping[str, Any] = self.call.json if self.kind is not EndpointKind.AUDIO else {}
         return estimate(
-            self.kind.value,
+            self.kind_name,
             body,
             self.prices,
             default_max_output_tokens=self.settings.default_max_output_tokens,
@@ -427,7 +429,7 @@ class _Metered:
         if self.kind is EndpointKind.PASSTHROUGH:
             return usage_in("passthrough", payload) if isinstance(payload, dict) else None
         request = self.call.json if self.kind is EndpointKind.IMAGES else None
-        return usage_in(self.kind.value, payload, request)
+        return usage_in(self.kind_name, payload, request)
 
     def _cost(self, usage: Usage | None) -> int:
         if self.kind is EndpointKind.PASSTHROUGH:
@@ -437,7 +439,7 @@ class _Metered:
             return cost(usage, model, "passthrough") if model else self.estimate.cost_nano
         if usage is None or self.prices is None:
             return self.estimate.cost_nano
-        return cost(usage, self.prices, self.kind.value)
+        return cost(usage, self.prices, self.kind_name)
 
     def _entry(self, usage: Usage | None, actual: int) -> LedgerEntry:
         call = self.call
@@ -449,7 +451,7 @@ class _Metered:
             key_id=principal.key_id,
             upstream=call.route.upstream,
             model=call.route.public_model or call.route.upstream_path,
-            kind=self.kind.value,
+            kind=self.kind_name,
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             images=usage.images if usage else 0,
