@@ -41,8 +41,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
 _REQUEST_DROP_CI = CIMultiDictProxy(CIMultiDict((name, None) for name in sorted(_REQUEST_DROP)))
 # Recomputed by sidegate for the client (the body is decompressed on the way through).
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
-# Looked up case-insensitively: an istr's folded form is computed once, not on every lookup.
-_RESPONSE_DROP_NAMES = tuple(istr(name) for name in sorted(_RESPONSE_DROP))
+_RESPONSE_DROP_CI = CIMultiDictProxy(CIMultiDict((name, None) for name in sorted(_RESPONSE_DROP)))
 _REQUEST_ID = istr("x-request-id")
 
 
@@ -75,9 +74,10 @@ def upstream_headers(
 def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Headers for the client: the upstream's, less hop-by-hop and what sidegate recomputes."""
     out = CIMultiDict(upstream)
-    popall = out.popall
-    for name in _RESPONSE_DROP_NAMES:  # copy everything, then remove the few names that must go
-        popall(name, None)
+    # Copy everything, then remove what must go: only the names present (three, typically),
+    # rather than trying all thirteen.
+    for name in [name for name in upstream if name in _RESPONSE_DROP_CI]:
+        out.popall(name, None)
     if CONNECTION in upstream:
         _drop_connection_named(upstream, out)
     return out

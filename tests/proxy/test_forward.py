@@ -9,9 +9,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidegate.config.models import SidegateConfig
 from sidegate.proxy.app import create_app
+from sidegate.proxy.headers import downstream_headers
 from sidegate.proxy.mock import Fault
 from sidegate.proxy.state import STATE_KEY
 from tests.conftest import (
@@ -94,6 +96,26 @@ async def test_rate_limit_headers_pass_through_on_success(
     for name in ("limit", "remaining", "reset"):
         for kind in ("requests", "tokens"):
             assert f"x-ratelimit-{name}-{kind}" in response.headers
+
+
+def test_downstream_headers_drop_each_listed_name_in_any_case_however_often() -> None:
+    upstream = CIMultiDict(
+        [
+            ("CONTENT-LENGTH", "3"),
+            ("date", "a"),
+            ("X-Kept", "k"),
+            ("Date", "b"),
+            ("Keep-Alive", "timeout=5"),
+            ("Connection", "close, X-Gone"),
+            ("x-gone", "1"),
+            ("Server", "s"),
+            ("content-encoding", "gzip"),
+            ("TRANSFER-ENCODING", "chunked"),
+            ("x-kept", "again"),
+        ]
+    )
+    kept = downstream_headers(CIMultiDictProxy(upstream))
+    assert list(kept.items()) == [("X-Kept", "k"), ("x-kept", "again")]
 
 
 async def _custom_upstream(
