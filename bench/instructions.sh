@@ -8,7 +8,9 @@
 # requests to warm up, counts the next N (default 400) at concurrency C (default 16), and prints
 # instructions per request. bare runs bench/configs/bare.yaml at --log-level warning; full runs
 # full.yaml with limits.yaml merged in, at info; LOGLEVEL overrides. KEEP=DIR copies callgrind's
-# output files there (for callgrind_annotate). Needs valgrind.
+# output files there (for callgrind_annotate). CACHESIM=1 also simulates the caches and branch
+# predictors and prints every event per request (Ir, I1mr, D1mr, Bcm, Bim ...): where a CPU ratio
+# runs above the instruction ratio, these say whether misses grow faster. Needs valgrind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=$1; N=${2:-400}; C=${3:-16}; STREAM=${4:-}
@@ -34,7 +36,8 @@ yaml.safe_dump(deep_merge(_load('full.yaml'), _load('limits.yaml')), open(sys.ar
               --log-level "${LOGLEVEL:-info}" --log-format json) ;;
 esac
 taskset -c 1 $PY -m bench.upstream --port "$UP" >"$WORK/upstream.log" 2>&1 &
-taskset -c 0 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/cg.out" \
+SIM=(); [ -n "${CACHESIM:-}" ] && SIM=(--cache-sim=yes --branch-sim=yes)
+taskset -c 0 valgrind --tool=callgrind --instr-atstart=no "${SIM[@]}" --callgrind-out-file="$WORK/cg.out" \
   "${COMMAND[@]}" >"$WORK/proxy.log" 2>&1 &
 PROXY=$!
 for _ in $(seq 1 300); do
@@ -50,3 +53,8 @@ callgrind_control -i off $PROXY >/dev/null  # what runs after the dump (shutdown
 kill $PROXY; wait $PROXY 2>/dev/null || true
 TOTAL=$(grep -h "^summary:\|^totals:" "$WORK"/cg.out* | awk '{s += $2} END {print s}')
 echo "$TARGET: $((TOTAL / N)) instructions per request ($N requests, concurrency $C${STREAM:+, streamed})"
+if [ -n "${CACHESIM:-}" ]; then  # every event of the dump, per request
+  EVENTS=$(grep -h "^events:" "$WORK"/cg.out* | head -1 | cut -d' ' -f2-)
+  grep -h "^totals:" "$WORK"/cg.out* | sort -k2,2n | tail -1 | cut -d' ' -f2- | awk -v names="$EVENTS" -v n="$N" \
+    '{split(names, e, " "); for (i = 1; i <= NF; i++) printf "%s %.0f%s", e[i], $i / n, (i < NF ? ", " : "\n")}'
+fi
