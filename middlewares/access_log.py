@@ -97,9 +97,9 @@ def _log(logger: Any, request: web.Request, request_id: str, status: int, latenc
     # re-packings of some twenty keyword arguments on the way there (about 3 µs a line).
     try:
         args, kwargs = logger._process_event("info", "request", fields)
+        logger._logger.info(*args, **kwargs)
     except structlog.DropEvent:
         return
-    logger._logger.info(*args, **kwargs)
 
 
 _FILTERING = frozenset(
