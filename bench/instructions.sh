@@ -14,36 +14,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=$1; N=${2:-400}; C=${3:-16}; STREAM=${4:-}
-PY=.venv/bin/python
-WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp "$WORK"/cg.out* "$KEEP"/ ; rm -rf "$WORK"' EXIT
-PORT=$((20000 + RANDOM % 5000)); UP=$((25000 + RANDOM % 5000))
-export BENCH_UPSTREAM=http://127.0.0.1:$UP BENCH_DB=$WORK/db.sqlite
-BENCH_KEY_HASH=sha256:$($PY -c "import hashlib; from bench.workloads import BENCH_KEY; print(hashlib.sha256(BENCH_KEY.encode()).hexdigest())")
-export BENCH_KEY_HASH
+source bench/common.sh
 case $TARGET in
   passthrough) COMMAND=($PY -m bench.passthrough --port "$PORT" --upstream "$BENCH_UPSTREAM") ;;
-  bare) COMMAND=(.venv/bin/sidegate serve --config bench/configs/bare.yaml --port "$PORT"
-                 --log-level "${LOGLEVEL:-warning}" --log-format json) ;;
-  full) $PY -c "
-import sys, yaml
-from bench.sidegate_setup import deep_merge, _load
-yaml.safe_dump(deep_merge(_load('full.yaml'), _load('limits.yaml')), open(sys.argv[1], 'w'), sort_keys=False)
-" "$WORK/full.yaml"
-        COMMAND=(.venv/bin/sidegate serve --config "$WORK/full.yaml" --port "$PORT"
-                 --log-level "${LOGLEVEL:-info}" --log-format json) ;;
-  *) COMMAND=(.venv/bin/sidegate serve --config "$TARGET" --port "$PORT"
-              --log-level "${LOGLEVEL:-info}" --log-format json) ;;
+  bare) CONFIG=$BENCH_BARE LEVEL=${LOGLEVEL:-warning} ;;
+  full) CONFIG=$BENCH_FULL LEVEL=${LOGLEVEL:-info} ;;
+  *) CONFIG=$TARGET LEVEL=${LOGLEVEL:-info} ;;
 esac
+[ "$TARGET" = passthrough ] || COMMAND=(.venv/bin/sidegate serve --config "$CONFIG" --port "$PORT"
+                                        --log-level "$LEVEL" --log-format json)
 taskset -c 1 $PY -m bench.upstream --port "$UP" >"$WORK/upstream.log" 2>&1 &
 SIM=(); [ -n "${CACHESIM:-}" ] && SIM=(--cache-sim=yes --branch-sim=yes)
 taskset -c 0 valgrind --tool=callgrind --instr-atstart=no "${SIM[@]}" --callgrind-out-file="$WORK/cg.out" \
   "${COMMAND[@]}" >"$WORK/proxy.log" 2>&1 &
 PROXY=$!
-for _ in $(seq 1 300); do
-  curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break
-  sleep 0.2
-done
+wait_for "$PORT"
 URL=http://127.0.0.1:$PORT/v1/chat/completions
 taskset -c 1 $PY -m bench.fixed_load "$URL" 300 "$C" $STREAM
 callgrind_control -i on $PROXY >/dev/null

@@ -4,21 +4,29 @@
 interpolation, set by :func:`sidegate_env`). ``limits.yaml`` (budgets and per-team rate limits) is
 merged deeply into ``full.yaml`` when ``sidegate check`` accepts the result; when it does not, the
 full chain runs without it and the report says so.
+
+``python -m bench.sidegate_setup DIR UPSTREAM`` does the same for the shell tools
+(``bench/instructions.sh``, ``bench/cpu_split.sh``): it writes the configs and the chat wrk script
+into DIR and prints the ``export`` lines they run with (``BENCH_*``, ``BENCH_BARE``,
+``BENCH_FULL``, ``BENCH_CHAT_LUA``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .load import render_lua
 from .targets import REPO, SIDEGATE
-from .workloads import BENCH_KEY
+from .workloads import BENCH_KEY, WORKLOADS
 
 __all__ = ["Configs", "deep_merge", "render_configs", "sidegate_env", "workers_supported"]
 
@@ -113,3 +121,24 @@ def workers_supported() -> bool:
         cwd=REPO,
     )
     return "--workers" in done.stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Render the configs and the chat wrk script into DIR; print the environment to export."""
+    directory, upstream = (sys.argv[1:] if argv is None else argv)[:2]
+    work = Path(directory)
+    env = sidegate_env(upstream, work / "db.sqlite")
+    configs = render_configs(work, env)
+    env |= {
+        "BENCH_BARE": str(configs.bare),
+        "BENCH_FULL": str(configs.full),
+        "BENCH_CHAT_LUA": str(render_lua(WORKLOADS["chat"], work)),
+    }
+    print("".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items()), end="")
+    if not configs.limits:
+        print(f"echo {shlex.quote('note: ' + configs.note)} >&2")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
