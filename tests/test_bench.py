@@ -245,6 +245,35 @@ def test_each_workload_renders_a_lua_script(tmp_path: Path) -> None:
         assert "function done(summary, latency, requests)" in text
 
 
+TEMPLATE_NAMES = ("full.yaml", "limits.yaml")
+
+
+def test_the_shell_tools_get_the_harness_configs_and_environment(tmp_path: Path) -> None:
+    # bench/instructions.sh and bench/cpu_split.sh eval what this prints.
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.sidegate_setup", str(tmp_path), "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    exported = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in done.stdout.splitlines()
+        if line.startswith("export ")
+    )
+    assert exported == {
+        **sidegate_env("http://127.0.0.1:9", tmp_path / "db.sqlite"),
+        "BENCH_BARE": str(tmp_path / "sidegate-bare.yaml"),
+        "BENCH_FULL": str(tmp_path / "sidegate-full.yaml"),
+        "BENCH_CHAT_LUA": str(tmp_path / "wrk-chat.lua"),
+    }
+    full, limits = (yaml.safe_load((TEMPLATES / name).read_text()) for name in TEMPLATE_NAMES)
+    with_limits = deep_merge(full, limits)
+    assert yaml.safe_load((tmp_path / "sidegate-full.yaml").read_text()) == with_limits
+    assert f"Bearer {BENCH_KEY}" in (tmp_path / "wrk-chat.lua").read_text()
+
+
 def test_only_selects_targets_rows_and_sections_and_keeps_the_floor() -> None:
     every_row = tuple(row.name for row in ROWS)
     assert select(None) == (TARGETS, every_row, SECTIONS, "")
