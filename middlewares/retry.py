@@ -261,41 +261,6 @@ def retry_middleware(
             outbound.deadline = clock() + settings.deadline_s
         return idempotent if key is not None else always
 
-    async def once(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
-        """``max_attempts: 1``: what ``retry`` does for one attempt, without its loop and
-        without entering the retry budget (a request that cannot retry takes no retry slot,
-        so it does not count towards the budget's in-flight share either)."""
-        outbound = OUTBOUND.get()
-        token = None
-        if outbound is None:
-            outbound = Outbound()
-            token = OUTBOUND.set(outbound)
-        try:
-            conditions = begin(request, outbound)
-            try:
-                response = await handler(request)
-            except KeysCoolingDown:
-                failure = "429"
-                outbound.last_failure = failure
-                stop(outbound, failure, "max_attempts")
-                raise
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                outbound.attempts += 1
-                found = _failure(exc)
-                outbound.last_failure = found
-                if found is not None and found in conditions:
-                    stop(outbound, found, "max_attempts")
-                raise
-            outbound.attempts += 1
-            found = _STATUS_FAILURES.get(response.status)
-            if found is not None and found in conditions:
-                outbound.last_failure = found
-                stop(outbound, found, "max_attempts")
-            return response
-        finally:
-            if token is not None:
-                OUTBOUND.reset(token)
-
     async def retry(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         outbound = OUTBOUND.get()
         token = None
@@ -305,8 +270,9 @@ def retry_middleware(
         ticket = None
         try:
             conditions = begin(request, outbound)
-            ticket = shared.enter()
             final = settings.max_attempts
+            if final > 1:  # only a request that may retry counts in the budget
+                ticket = shared.enter()
             for attempt in range(1, final + 1):
                 response: ClientResponse | None = None
                 error: BaseException | None = None
@@ -337,6 +303,7 @@ def retry_middleware(
                     hint = await response_retry_hint(response, wall_clock())
                     ready = response.status == 429 and outbound.other_key_ready
                 wait = 0.0 if ready else backoff(attempt, hint)
+                assert ticket is not None  # a retry is possible: the request entered the budget
                 reason = stop_reason(wait, outbound, ticket)
                 if reason is not None:
                     stop(outbound, failure, reason)
@@ -354,4 +321,4 @@ def retry_middleware(
             if token is not None:
                 OUTBOUND.reset(token)
 
-    return once if settings.max_attempts == 1 else retry
+    return retry

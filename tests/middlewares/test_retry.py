@@ -328,8 +328,8 @@ async def test_one_attempt_reports_as_the_last_attempt_of_many_does(
     stopped: list[tuple[str, ...]],
     last_failure: str | None,
 ) -> None:
-    # max_attempts: 1 takes a path of its own (no loop, no retry budget); what it records must
-    # be what the last of several attempts records.
+    # max_attempts: 1 does not enter the retry budget; what it records must be what the last of
+    # several attempts records.
     results = []
     for attempts in (1, 2):
         seen, budget = _Seen(), RetryBudget(0.2, 3)
