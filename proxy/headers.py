@@ -22,26 +22,35 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+
+
+def _case_insensitive_set(names: Iterable[str]) -> CIMultiDictProxy[None]:
+    """``names`` as a case-insensitive set (multidict has none: a mapping to nothing), so a
+    header name is looked up as it is, without lowering a copy of it first."""
+    return CIMultiDictProxy(CIMultiDict((name, None) for name in sorted(names)))
+
+
 # Never forwarded upstream: the client's own credentials for sidegate, what sidegate recomputes,
 # and what only the client and sidegate share.
-_REQUEST_DROP = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "authorization",
-    "api-key",
-    "x-api-key",
-    "cookie",
-    "expect",
-    "accept-encoding",
-    "x-forwarded-for",
-    "x-request-id",
-}
-# The same names as a case-insensitive set (multidict has none: a mapping to nothing), so a
-# client's header name is looked up as it is, without lowering a copy of it first.
-_REQUEST_DROP_CI = CIMultiDictProxy(CIMultiDict((name, None) for name in sorted(_REQUEST_DROP)))
+_REQUEST_DROP = _case_insensitive_set(
+    HOP_BY_HOP
+    | {
+        "host",
+        "content-length",
+        "authorization",
+        "api-key",
+        "x-api-key",
+        "cookie",
+        "expect",
+        "accept-encoding",
+        "x-forwarded-for",
+        "x-request-id",
+    }
+)
 # Recomputed by sidegate for the client (the body is decompressed on the way through).
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
-_RESPONSE_DROP_CI = CIMultiDictProxy(CIMultiDict((name, None) for name in sorted(_RESPONSE_DROP)))
+_RESPONSE_DROP = _case_insensitive_set(
+    HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
+)
 _REQUEST_ID = istr("x-request-id")
 
 
@@ -56,7 +65,7 @@ def upstream_headers(
     out: CIMultiDict[str] = CIMultiDict()
     add = out.add
     for name, value in client.items():  # a few headers, many names to drop: pick what stays
-        if name not in _REQUEST_DROP_CI:
+        if name not in _REQUEST_DROP:
             add(name, value)
     if CONNECTION in client:
         _drop_connection_named(client, out)
@@ -76,7 +85,7 @@ def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     out = CIMultiDict(upstream)
     # Copy everything, then remove what must go: only the names present (three, typically),
     # rather than trying all thirteen.
-    for name in [name for name in upstream if name in _RESPONSE_DROP_CI]:
+    for name in [name for name in upstream if name in _RESPONSE_DROP]:
         out.popall(name, None)
     if CONNECTION in upstream:
         _drop_connection_named(upstream, out)
