@@ -145,7 +145,11 @@ def _lifecycle(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE_KEY]
         connector = aiohttp.TCPConnector(limit=_UPSTREAM_CONNECTIONS, ttl_dns_cache=300)
-        state._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        # No cookie jar: one session serves every caller, so a cookie an upstream sets must not
+        # ride along on the next caller's request (it still reaches the client it was sent to).
+        state._session = aiohttp.ClientSession(
+            connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+        )
         watcher: asyncio.Task[None] | None = None
         try:
             state._stores = await open_store(config.store)

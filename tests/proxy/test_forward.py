@@ -157,6 +157,32 @@ async def test_upstream_hop_by_hop_response_headers_are_stripped(
     assert response.headers.getall("Set-Cookie") == ["a=1", "b=2"]
 
 
+async def test_upstream_cookies_are_not_kept_between_requests(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient
+) -> None:
+    """One upstream session serves every caller: a cookie an upstream sets (a load balancer's
+    affinity cookie, say) goes to the client that got it, and is never sent upstream again on
+    anyone's behalf. The upstream is named by host name, as real ones are (aiohttp's cookie jar
+    ignores cookies from IP addresses, so an address would not show it)."""
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Cookie"))
+        response = web.Response(body=b'{"ok": true}', content_type="application/json")
+        response.set_cookie("affinity", f"caller-{len(seen)}", path="/")
+        return response
+
+    server, config = await _custom_upstream(aiohttp_server, handler)
+    config["upstreams"]["meridian"]["base_url"] = f"http://localhost:{server.port}"
+    client = await aiohttp_client(create_app(SidegateConfig.model_validate(config)), headers=ADMIN)
+    for _ in range(3):
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        assert response.status == 200
+        assert "affinity=caller-" in response.headers["Set-Cookie"]
+        client.session.cookie_jar.clear()  # the test client's own jar would send it back
+    assert seen == [None, None, None]
+
+
 async def test_unreachable_upstream_is_502(
     make_gateway: GatewayFactory, gateway_config: dict[str, Any], unused_tcp_port: int
 ) -> None:
