@@ -36,10 +36,15 @@ taskset -c 1 $PY -m bench.fixed_load "$URL" "$N" "$C" $STREAM
 callgrind_control -d $PROXY >/dev/null
 callgrind_control -i off $PROXY >/dev/null  # what runs after the dump (shutdown) is not counted
 kill $PROXY; wait $PROXY 2>/dev/null || true
-TOTAL=$(grep -h "^summary:\|^totals:" "$WORK"/cg.out* | awk '{s += $2} END {print s}')
+# Each part callgrind wrote (the dump, and the few instructions before counting went off) has a
+# totals: line per event; sum them (a part's summary: line is not a count to add: the last part's
+# is the difference from the dump, which can wrap round below zero).
+EVENTS=$(grep -h "^events:" "$WORK"/cg.out* | head -1 | cut -d' ' -f2-)
+SUMS=$(grep -h "^totals:" "$WORK"/cg.out* | awk '{for (i = 2; i <= NF; i++) s[i] += $i}
+  END {for (i = 2; i <= NF; i++) printf "%.0f%s", s[i], (i < NF ? " " : "\n")}')
+TOTAL=${SUMS%% *}
 echo "$TARGET: $((TOTAL / N)) instructions per request ($N requests, concurrency $C${STREAM:+, streamed})"
-if [ -n "${CACHESIM:-}" ]; then  # every event of the dump, per request
-  EVENTS=$(grep -h "^events:" "$WORK"/cg.out* | head -1 | cut -d' ' -f2-)
-  grep -h "^totals:" "$WORK"/cg.out* | sort -k2,2n | tail -1 | cut -d' ' -f2- | awk -v names="$EVENTS" -v n="$N" \
+if [ -n "${CACHESIM:-}" ]; then  # every event, per request
+  echo "$SUMS" | awk -v names="$EVENTS" -v n="$N" \
     '{split(names, e, " "); for (i = 1; i <= NF; i++) printf "%s %.0f%s", e[i], $i / n, (i < NF ? ", " : "\n")}'
 fi
