@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from email.utils import formatdate
+from typing import Any
 
 import aiohttp
 import orjson
@@ -311,6 +312,16 @@ class _Seen:
         self.events.append(("stopped", failure, reason))
 
 
+class _CountingBudget(RetryBudget):
+    """A retry budget that counts the requests entering it."""
+
+    entered = 0
+
+    def enter(self) -> Any:
+        self.entered += 1
+        return super().enter()
+
+
 @pytest.mark.parametrize(
     ("fault", "stopped", "last_failure"),
     [
@@ -332,7 +343,7 @@ async def test_one_attempt_reports_as_the_last_attempt_of_many_does(
     # several attempts records.
     results = []
     for attempts in (1, 2):
-        seen, budget = _Seen(), RetryBudget(0.2, 3)
+        seen, budget = _Seen(), _CountingBudget(0.2, 3)
         if fault is not None:
             meridian.state.script(fault, fault)
         async with session(clock, max_attempts=attempts, observer=seen, budget=budget) as client:
@@ -341,6 +352,7 @@ async def test_one_attempt_reports_as_the_last_attempt_of_many_does(
         assert [event for event in seen.events if event[0] == "stopped"] == stopped
         assert outbound.attempts == (attempts if stopped else 1)
         assert (budget.in_flight, budget.retrying) == (0, 0)
+        assert budget.entered == (0 if attempts == 1 else 1)  # one attempt takes no budget share
 
     one, two = results
     assert one[:2] == two[:2] == (fault.status if fault else 200, last_failure)
