@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import platform
 import shlex
@@ -81,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--events", type=int, default=20, help="content deltas per SSE stream")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
+        "--floor-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the passthrough's event loop (default asyncio: the issue's floor; uvloop: the "
+        "same loop as sidegate's, to see the chain's own cost)",
+    )
+    parser.add_argument(
+        "--sidegate-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="sidegate serve --loop (default auto: as shipped, uvloop when installed)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="py-spy profiles instead of measurements"
     )
     return parser
@@ -102,6 +116,13 @@ def _commit() -> str:
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return f"{head}+uncommitted changes" if git("status", "--porcelain") else head
+
+
+def _loop(choice: str) -> str:
+    """What ``sidegate serve --loop choice`` runs on here."""
+    if choice != "auto":
+        return choice
+    return "uvloop (auto)" if importlib.util.find_spec("uvloop") else "asyncio (auto: no uvloop)"
 
 
 def _loadavg() -> str:
@@ -138,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         targets=targets,
         rows=rows,
         sections=sections,
+        floor_loop=args.floor_loop,
+        sidegate_loop=args.sidegate_loop,
         proxy_cpus="0" if pin else None,
         load_cpus="1" if pin else None,
         all_cpus="0,1" if pin else None,
@@ -168,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": options.duration_s,
         "warmup_s": options.warmup_s,
         "slices": options.slices,
+        "loops": f"passthrough {options.floor_loop}, sidegate {_loop(options.sidegate_loop)}",
         "pinning": (
             "proxy under test on CPU 0; mock upstream, wrk, SSE client on CPU 1"
             if pin

@@ -7,19 +7,22 @@
 # bench/instructions.sh runs them), then for each round sends wrk load to each in turn (1 s to
 # warm up, SECONDS measured, default 6) and prints utime and stime of /proc/<pid>/stat over the
 # requests completed, in µs. Where a CPU ratio runs above the instruction ratio, this says
-# whether the kernel's share is why. LOGLEVEL sets the full chain's level (info). Needs wrk.
+# whether the kernel's share is why. LOGLEVEL sets the full chain's level (info); FLOOR_LOOP
+# (asyncio) and SIDEGATE_LOOP (auto) the event loops. Needs wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}; SECONDS_=${2:-6}
 source bench/common.sh
 taskset -c 1 $PY -m bench.upstream --port "$UP" >"$WORK/upstream.log" 2>&1 &
-taskset -c 0 $PY -m bench.passthrough --port "$PORT" --upstream "$BENCH_UPSTREAM" >/dev/null 2>&1 &
+taskset -c 0 $PY -m bench.passthrough --port "$PORT" --upstream "$BENCH_UPSTREAM" \
+  --loop "${FLOOR_LOOP:-asyncio}" >/dev/null 2>&1 &
 FLOOR=$!
 taskset -c 0 .venv/bin/sidegate serve --config "$BENCH_BARE" --port $((PORT + 1)) \
-  --log-level warning --log-format json >/dev/null 2>&1 &
+  --log-level warning --log-format json --loop "${SIDEGATE_LOOP:-auto}" >/dev/null 2>&1 &
 BARE=$!
 taskset -c 0 .venv/bin/sidegate serve --config "$BENCH_FULL" --port $((PORT + 2)) \
-  --log-level "${LOGLEVEL:-info}" --log-format json 2>"$WORK/full.log" &
+  --log-level "${LOGLEVEL:-info}" --log-format json --loop "${SIDEGATE_LOOP:-auto}" \
+  2>"$WORK/full.log" &
 FULL=$!
 for port in "$PORT" $((PORT + 1)) $((PORT + 2)); do wait_for "$port"; done
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }

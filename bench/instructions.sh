@@ -8,7 +8,8 @@
 # requests to warm up, counts the next N (default 400) at concurrency C (default 16), and prints
 # instructions per request. bare runs bench/configs/bare.yaml at --log-level warning; full runs
 # full.yaml with limits.yaml merged in, at info; LOGLEVEL overrides. KEEP=DIR copies callgrind's
-# output files there (for callgrind_annotate). CACHESIM=1 also simulates the caches and branch
+# output files there (for callgrind_annotate). FLOOR_LOOP (asyncio) and SIDEGATE_LOOP (auto: as
+# shipped, uvloop when installed) choose the event loops. CACHESIM=1 also simulates the caches and branch
 # predictors and prints every event per request (Ir, I1mr, D1mr, Bcm, Bim ...): where a CPU ratio
 # runs above the instruction ratio, these say whether misses grow faster. Needs valgrind.
 set -euo pipefail
@@ -16,13 +17,15 @@ cd "$(dirname "$0")/.."
 TARGET=$1; N=${2:-400}; C=${3:-16}; STREAM=${4:-}
 source bench/common.sh
 case $TARGET in
-  passthrough) COMMAND=($PY -m bench.passthrough --port "$PORT" --upstream "$BENCH_UPSTREAM") ;;
+  passthrough) COMMAND=($PY -m bench.passthrough --port "$PORT" --upstream "$BENCH_UPSTREAM"
+                        --loop "${FLOOR_LOOP:-asyncio}") ;;
   bare) CONFIG=$BENCH_BARE LEVEL=${LOGLEVEL:-warning} ;;
   full) CONFIG=$BENCH_FULL LEVEL=${LOGLEVEL:-info} ;;
   *) CONFIG=$TARGET LEVEL=${LOGLEVEL:-info} ;;
 esac
 [ "$TARGET" = passthrough ] || COMMAND=(.venv/bin/sidegate serve --config "$CONFIG" --port "$PORT"
-                                        --log-level "$LEVEL" --log-format json)
+                                        --log-level "$LEVEL" --log-format json
+                                        --loop "${SIDEGATE_LOOP:-auto}")
 taskset -c 1 $PY -m bench.upstream --port "$UP" >"$WORK/upstream.log" 2>&1 &
 SIM=(); [ -n "${CACHESIM:-}" ] && SIM=(--cache-sim=yes --branch-sim=yes)
 taskset -c 0 valgrind --tool=callgrind --instr-atstart=no "${SIM[@]}" --callgrind-out-file="$WORK/cg.out" \

@@ -5,7 +5,8 @@ without a read timeout would be no fair floor: aiohttp re-arms that timer on eve
 request is forwarded with its method, path, query, body and headers
 (less hop-by-hop ones) and the answer is streamed back as it arrives. No auth, no routing, no log.
 
-``python -m bench.passthrough --port 9301 --upstream http://127.0.0.1:9300``
+``python -m bench.passthrough --port 9301 --upstream http://127.0.0.1:9300 [--loop uvloop]``
+(asyncio's own event loop unless asked: the issue's floor; uvloop to compare loop with loop)
 """
 
 from __future__ import annotations
@@ -68,9 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9301)
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:9300")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args(argv)
+    loop = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
     web.run_app(
-        make_app(args.upstream), host=args.host, port=args.port, access_log=None, print=None
+        make_app(args.upstream),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+        loop=loop,
     )
     return 0
 

@@ -163,7 +163,11 @@ def profile(
             log = directory / f"{target}-profile.log"
             if target == "passthrough":
                 process = start_passthrough(
-                    free_port(), upstream.url, cpus=options.proxy_cpus, log=log
+                    free_port(),
+                    upstream.url,
+                    cpus=options.proxy_cpus,
+                    log=log,
+                    loop=options.floor_loop,
                 )
             else:
                 full = target == "sidegate-full"
@@ -175,6 +179,7 @@ def profile(
                     log=log,
                     log_level="info" if full else "warning",
                     env=sidegate_env(upstream.url, directory / f"{target}-profile.db"),
+                    loop=options.sidegate_loop,
                 )
             try:
                 wait_ready(process)

@@ -279,7 +279,7 @@ def render(results: Results, meta: dict[str, Any]) -> str:
         "targets take in turn; figures are medians over runs, ratios are taken within a run "
         "then the median reported.",
         f"Pinning: {meta['pinning']}. Load average before / after: {meta['load_before']} / "
-        f"{meta.get('load_after', '?')}.",
+        f"{meta.get('load_after', '?')}. Event loops: {meta.get('loops', '?')}.",
         "",
         "### Load (wrk; sse-c1 by the aiohttp SSE client)",
         "",

@@ -89,6 +89,10 @@ class Options:
     targets: tuple[str, ...] = TARGETS
     rows: tuple[str, ...] = tuple(row.name for row in ROWS)
     sections: tuple[str, ...] = SECTIONS
+    floor_loop: str = "asyncio"
+    """The passthrough's event loop: ``asyncio`` (the issue's floor) or ``uvloop``."""
+    sidegate_loop: str = "auto"
+    """``sidegate serve --loop``: ``auto`` (as shipped: uvloop when installed), uvloop, asyncio."""
     proxy_cpus: str | None = "0"
     load_cpus: str | None = "1"
     all_cpus: str | None = "0,1"
@@ -234,7 +238,9 @@ def _start(
         return None
     log = ctx.directory / f"{target}-{label}.log"
     if target == "passthrough":
-        process = start_passthrough(free_port(), upstream.url, cpus=cpus, log=log)
+        process = start_passthrough(
+            free_port(), upstream.url, cpus=cpus, log=log, loop=ctx.options.floor_loop
+        )
     else:
         full = target == "sidegate-full"
         db = _db_path(ctx, target, label)
@@ -247,6 +253,7 @@ def _start(
             log_level="info" if full else "warning",
             env=sidegate_env(upstream.url, db),
             workers=workers,
+            loop=ctx.options.sidegate_loop,
         )
     try:
         wait_ready(process)

@@ -120,10 +120,12 @@ def start_upstream(port: int, *, cpus: str | None, log: Path, events: int) -> Pr
     return _spawn("upstream", command, cpus=cpus, url=f"http://127.0.0.1:{port}", log=log)
 
 
-def start_passthrough(port: int, upstream: str, *, cpus: str | None, log: Path) -> Process:
-    """The floor (:mod:`bench.passthrough`) in front of ``upstream``."""
+def start_passthrough(
+    port: int, upstream: str, *, cpus: str | None, log: Path, loop: str = "asyncio"
+) -> Process:
+    """The floor (:mod:`bench.passthrough`) in front of ``upstream``, on ``loop``."""
     command = [sys.executable, "-m", "bench.passthrough", "--port", str(port)]
-    command += ["--upstream", upstream]
+    command += ["--upstream", upstream, "--loop", loop]
     return _spawn("passthrough", command, cpus=cpus, url=f"http://127.0.0.1:{port}", log=log)
 
 
@@ -137,10 +139,13 @@ def start_sidegate(
     log_level: str,
     env: dict[str, str],
     workers: int = 1,
+    loop: str = "auto",
 ) -> Process:
-    """``sidegate serve`` for ``config`` (JSON log lines to ``log``)."""
+    """``sidegate serve`` for ``config`` (JSON log lines to ``log``), ``--loop loop``."""
     command = [str(SIDEGATE), "serve", "--config", str(config), "--port", str(port)]
     command += ["--log-level", log_level, "--log-format", "json"]
+    if loop != "auto":
+        command += ["--loop", loop]
     if workers != 1:
         command += ["--workers", str(workers)]
     return _spawn(

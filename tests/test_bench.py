@@ -32,7 +32,7 @@ from bench.runner import ROWS, SECTIONS, TARGETS, _merged, _Slice
 from bench.sidegate_setup import TEMPLATES, deep_merge, sidegate_env
 from bench.stats import median, percentile, ratio
 from bench.summary import Measurement, aggregate
-from bench.targets import probe
+from bench.targets import free_port, probe, start_passthrough, wait_ready
 from bench.upstream import UpstreamSettings, start_upstream
 from bench.workloads import (
     BENCH_KEY,
@@ -452,6 +452,23 @@ async def test_the_passthrough_forwards_every_workload(
     status, _, _ = await _post(url + "/v1/chat/completions", CHAT_BODY, {})
     assert status == 401  # the mock's answer, passed through
     assert await asyncio.to_thread(probe, url) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_the_floor_runs_on_the_event_loop_it_is_given(
+    upstream: str, tmp_path: Path, loop: str
+) -> None:
+    process = start_passthrough(
+        free_port(), upstream, cpus=None, log=tmp_path / "floor.log", loop=loop
+    )
+    try:
+        await asyncio.to_thread(wait_ready, process)
+        assert await asyncio.to_thread(probe, process.url) == []
+        maps = await asyncio.to_thread(Path(f"/proc/{process.popen.pid}/maps").read_text)
+        assert ("/uvloop/" in maps) is (loop == "uvloop")
+    finally:
+        process.stop()
 
 
 async def test_the_limits_microbenchmark_runs_on_both_stores() -> None:

@@ -356,6 +356,44 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connection
         assert stream_lines[0]["stream"] is True
 
 
+@pytest.mark.parametrize(("args", "loop"), [((), "uvloop"), (("--loop", "asyncio"), "asyncio")])
+async def test_serve_runs_on_uvloop_unless_asked_for_asyncio_and_streams_on_either(
+    tmp_path: Path, unused_tcp_port: int, meridian: Upstream, args: tuple[str, ...], loop: str
+) -> None:
+    path = _graceful_config(tmp_path, meridian.url, grace_s=1)
+    meridian.state.script(Fault(pace_s=0.05), path="/v1/chat/completions")
+    body = {**CHAT, "model": "meridian-1", "stream": True}
+    async with serve(path, unused_tcp_port, tmp_path, args=args) as served:
+        serving = await served.wait_for_event("serving")
+        assert serving["loop"] == loop
+        async with served.session.post(served.url + "/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            first = await asyncio.wait_for(response.content.readline(), POLL_TIMEOUT_S)
+            assert first.startswith(b"data: {")
+            assert meridian.state.open_streams == 1  # passed on while the upstream still streams
+            rest = await asyncio.wait_for(response.read(), POLL_TIMEOUT_S)
+            served.answered += 1
+        assert rest.endswith(b"data: [DONE]\n\n")
+        assert await served.terminate() == 0
+
+
+def test_loop_uvloop_is_refused_without_uvloop_and_auto_falls_back(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import uvloop
+
+    from sidegate.proxy.cli import event_loop_factory, main
+
+    assert event_loop_factory("auto") is uvloop.new_event_loop
+    assert event_loop_factory("asyncio") is asyncio.new_event_loop
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what an import finds when it is missing
+    assert event_loop_factory("auto") is asyncio.new_event_loop
+    with pytest.raises(RuntimeError, match="uvloop is not installed"):
+        event_loop_factory("uvloop")
+    assert main(["serve", "--config", str(DEMO), "--loop", "uvloop"]) == 2
+    assert capsys.readouterr().err == "sidegate: --loop uvloop, but uvloop is not installed\n"
+
+
 async def test_a_zero_shutdown_grace_does_not_wait_for_streams(
     tmp_path: Path, unused_tcp_port: int, meridian: Upstream
 ) -> None:
