@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import logging
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import structlog
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
@@ -33,6 +35,28 @@ SEARCH = {"Authorization": f"Bearer {SEARCH_KEY}"}
 DEMO_KEY = "sg-demo-local-mock-only-not-a-secret-0000000000"  # examples/demo.yaml
 DEMO = {"Authorization": f"Bearer {DEMO_KEY}"}
 SEARCH_MODELS = ["meridian-1", "fast", "meridian-embed-3", "embed.text.v1"]
+
+
+# `sidegate serve` runs on uvloop, the other tests on asyncio's loop (an app that mounts sidegate
+# brings its own); these modules, which pass requests, streams, disconnects and failures through
+# the gateway, run on both.
+_ON_BOTH_LOOPS = frozenset(
+    {
+        "tests.proxy.test_forward",
+        "tests.proxy.test_streaming",
+        "tests.proxy.test_resilience",
+        "tests.proxy.test_openai_sdk",
+    }
+)
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    module = getattr(item, "module", None)
+    if module is not None and module.__name__ in _ON_BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}  # one factory: test names stay as they are
 
 
 @dataclass

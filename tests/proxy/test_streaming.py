@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -133,3 +134,10 @@ async def test_meivan_complete_with_stream_flag_is_answered_as_json(
     response = await gateway.post("/v1/complete", json=payload)
     assert response.status == 200
     assert response.content_type == "application/json"
+
+
+async def test_this_module_runs_on_the_event_loop_each_test_is_named_for(
+    request: pytest.FixtureRequest,
+) -> None:
+    loop = asyncio.get_running_loop()  # see _ON_BOTH_LOOPS in tests/conftest.py
+    assert type(loop).__module__.partition(".")[0] == request.node.callspec.id
