@@ -9,9 +9,10 @@
 # instructions per request. bare runs bench/configs/bare.yaml at --log-level warning; full runs
 # full.yaml with limits.yaml merged in, at info; LOGLEVEL overrides. KEEP=DIR copies callgrind's
 # output files there (for callgrind_annotate). FLOOR_LOOP (asyncio) and SIDEGATE_LOOP (auto: as
-# shipped, uvloop when installed) choose the event loops. CACHESIM=1 also simulates the caches and branch
-# predictors and prints every event per request (Ir, I1mr, D1mr, Bcm, Bim ...): where a CPU ratio
-# runs above the instruction ratio, these say whether misses grow faster. Needs valgrind.
+# shipped, uvloop when installed) choose the event loops. CACHESIM=1 also simulates the caches
+# and branch predictors and prints every event per request (Ir, I1mr, D1mr, Bcm, Bim ...): where
+# a CPU ratio runs above the instruction ratio, these say whether misses grow faster. Needs
+# valgrind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=$1; N=${2:-400}; C=${3:-16}; STREAM=${4:-}
