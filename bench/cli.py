@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import platform
 import shlex
@@ -19,6 +18,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import orjson
+
+from sidegate.proxy.cli import LOOPS, event_loop_factory
 
 from .report import render, summary_json
 from .runner import ROWS, SECTIONS, TARGETS, Options, machine, run
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sidegate-loop",
-        choices=("auto", "uvloop", "asyncio"),
+        choices=LOOPS,
         default="auto",
         help="sidegate serve --loop (default auto: as shipped, uvloop when installed)",
     )
@@ -119,10 +120,14 @@ def _commit() -> str:
 
 
 def _loop(choice: str) -> str:
-    """What ``sidegate serve --loop choice`` runs on here."""
-    if choice != "auto":
-        return choice
-    return "uvloop (auto)" if importlib.util.find_spec("uvloop") else "asyncio (auto: no uvloop)"
+    """What ``sidegate serve --loop choice`` runs on here: what serve itself would choose (this
+    Python is the one the targets run on)."""
+    try:
+        factory = event_loop_factory(choice)
+    except RuntimeError:
+        return f"{choice} (not installed: sidegate will not start)"
+    name = factory.__module__.partition(".")[0]
+    return f"{name} (auto)" if choice == "auto" else name
 
 
 def _loadavg() -> str:

@@ -1,7 +1,8 @@
 #!/bin/bash
-# User and system CPU per request of the floor, bare and full, side by side (chat, c=16).
+# User and system CPU per request of the floor, bare and full, side by side (chat, c=16 unless
+# C says otherwise).
 #
-#   bench/cpu_split.sh [ROUNDS [SECONDS]]
+#   bench/cpu_split.sh [ROUNDS [SECONDS [C]]]
 #
 # Starts the benchmark's mock upstream (CPU 1) and the three proxies (all on CPU 0, as
 # bench/instructions.sh runs them), then for each round sends wrk load to each in turn (1 s to
@@ -11,7 +12,7 @@
 # (asyncio) and SIDEGATE_LOOP (auto) the event loops. Needs wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROUNDS=${1:-3}; SECONDS_=${2:-6}
+ROUNDS=${1:-3}; SECONDS_=${2:-6}; C=${3:-16}
 source bench/common.sh
 taskset -c 1 $PY -m bench.upstream --port "$UP" >"$WORK/upstream.log" 2>&1 &
 taskset -c 0 $PY -m bench.passthrough --port "$PORT" --upstream "$BENCH_UPSTREAM" \
@@ -31,9 +32,9 @@ for round in $(seq 1 "$ROUNDS"); do
   for target in "floor $FLOOR $PORT" "bare $BARE $((PORT + 1))" "full $FULL $((PORT + 2))"; do
     set -- $target
     URL=http://127.0.0.1:$3/v1/chat/completions
-    taskset -c 1 wrk -t1 -c16 -d1s -s "$BENCH_CHAT_LUA" "$URL" >/dev/null
+    taskset -c 1 wrk -t1 -c"$C" -d1s -s "$BENCH_CHAT_LUA" "$URL" >/dev/null
     read -r u0 s0 < <(ticks "$2")
-    n=$(taskset -c 1 wrk -t1 -c16 -d"${SECONDS_}s" -s "$BENCH_CHAT_LUA" "$URL" | awk '/requests in/ {print $1}')
+    n=$(taskset -c 1 wrk -t1 -c"$C" -d"${SECONDS_}s" -s "$BENCH_CHAT_LUA" "$URL" | awk '/requests in/ {print $1}')
     read -r u1 s1 < <(ticks "$2")
     echo "round $round $1: $n requests, user $(( (u1 - u0) * 1000000 / HZ / n )) µs, system $(( (s1 - s0) * 1000000 / HZ / n )) µs a request"
   done

@@ -471,6 +471,21 @@ async def test_the_floor_runs_on_the_event_loop_it_is_given(
         process.stop()
 
 
+def test_the_report_names_the_loop_sidegate_serve_would_choose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench.cli import _loop
+
+    assert (_loop("auto"), _loop("uvloop"), _loop("asyncio")) == (
+        "uvloop (auto)",
+        "uvloop",
+        "asyncio",
+    )
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    assert _loop("auto") == "asyncio (auto)"
+    assert _loop("uvloop") == "uvloop (not installed: sidegate will not start)"
+
+
 async def test_the_limits_microbenchmark_runs_on_both_stores() -> None:
     from bench.limits_micro import run
 

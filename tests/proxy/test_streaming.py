@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from sidegate.config.models import SidegateConfig
 from sidegate.proxy.app import create_app
+from sidegate.proxy.cli import loop_name
 from sidegate.proxy.mock import Fault
 from tests.conftest import ADMIN, AiohttpClient, AiohttpServer, Upstream, base_config
 
@@ -140,4 +141,4 @@ async def test_this_module_runs_on_the_event_loop_each_test_is_named_for(
     request: pytest.FixtureRequest,
 ) -> None:
     loop = asyncio.get_running_loop()  # see _ON_BOTH_LOOPS in tests/conftest.py
-    assert type(loop).__module__.partition(".")[0] == request.node.callspec.id
+    assert loop_name(loop) == request.node.callspec.id
