@@ -24,6 +24,8 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from bench import procstat, sse_client
 from bench.cli import select
+from bench.knockout import knock_out
+from bench.knockout import main as knockout_main
 from bench.load import LoadResult, parse_wrk_output, render_lua
 from bench.passthrough import make_app
 from bench.profile import package_of, parse_collapsed
@@ -44,6 +46,8 @@ from bench.workloads import (
     WORKLOADS,
 )
 from sidegate.config import load_config
+from sidegate.proxy.app import create_app
+from sidegate.proxy.state import STATE_KEY
 from tests.conftest import AiohttpServer
 
 AUTH = {"Authorization": f"Bearer {BENCH_KEY}", "Content-Type": "application/json"}
@@ -494,3 +498,42 @@ async def test_the_limits_microbenchmark_runs_on_both_stores() -> None:
         assert wall > 0
         assert cpu > 0
         assert entries == 60  # every request was metered and written to the store
+
+
+async def test_a_knock_out_takes_its_parts_out_and_the_rest_still_answers(
+    upstream: str, aiohttp_server: AiohttpServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name, value in sidegate_env(upstream, tmp_path / "b.db").items():
+        monkeypatch.setenv(name, value)
+    twice = [("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
+
+    async def answers(parts: set[str]) -> tuple[bool, int, tuple[str, ...]]:
+        app = create_app(TEMPLATES / "bare.yaml")
+        knock_out(app, parts)
+        server = await aiohttp_server(app)
+        url = str(server.make_url("/v1/chat/completions"))
+        status, headers, body = await _post(url, CHAT_BODY)
+        _check_chat(status, headers, body)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, data=CHAT_BODY, headers=[*AUTH.items(), *twice]) as response,
+        ):
+            names = app[STATE_KEY].active.names if app[STATE_KEY].active else ()
+            return "x-request-id" in headers, response.status, names
+
+    # As shipped: every response has its request id; retry refuses two Idempotency-Keys.
+    assert await answers(set()) == (
+        True,
+        400,
+        ("auth", "routing", "ratelimit_headers", "retry", "key_rotation"),
+    )
+    # Without the prepare hook and retry: no request id, the two keys reach the upstream.
+    assert await answers({"prepare_hook", "retry", "ratelimit_headers"}) == (
+        False,
+        200,
+        ("auth", "routing", "key_rotation"),
+    )
+    with pytest.raises(RuntimeError, match="has no limits"):
+        await answers({"limits"})
+    assert knockout_main(["auth", "--", "--config", "x.yaml"]) == 2  # the handler needs it
+    assert knockout_main(["retry"]) == 2  # no "--": the usage, not a server

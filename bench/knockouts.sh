@@ -1,0 +1,60 @@
+#!/bin/bash
+# CPU per request of the floor, of sidegate as shipped, and of sidegate without some of its
+# parts (python -m bench.knockout), interleaved round by round; the medians at the end.
+#
+#   bench/knockouts.sh ROUNDS SECONDS C bare|full PARTS [PARTS ...]
+#
+# e.g. bench/knockouts.sh 8 5 16 bare access_log prepare_hook retry,key_rotation
+# Each PARTS (comma-separated) is one more process; all run on CPU 0 (the mock and wrk on CPU 1),
+# each loaded in turn for SECONDS after a 1 s warm-up, and its utime + stime over the requests it
+# completed is its CPU per request. FLOOR_LOOP (asyncio) and SIDEGATE_LOOP (auto) choose the
+# event loops; LOGLEVEL the chain's level (bare: warning, full: info). Needs wrk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=$1; SECONDS_=$2; C=$3; CHAIN=$4; shift 4
+source bench/common.sh
+case $CHAIN in
+  bare) CONFIG=$BENCH_BARE LEVEL=${LOGLEVEL:-warning} ;;
+  full) CONFIG=$BENCH_FULL LEVEL=${LOGLEVEL:-info} ;;
+  *) echo "knockouts.sh: the chain is bare or full, not $CHAIN" >&2; exit 2 ;;
+esac
+taskset -c 1 $PY -m bench.upstream --port "$UP" >"$WORK/upstream.log" 2>&1 &
+NAMES=(floor "$CHAIN"); PORTS=("$PORT" $((PORT + 1)))
+taskset -c 0 $PY -m bench.passthrough --port "$PORT" --upstream "$BENCH_UPSTREAM" \
+  --loop "${FLOOR_LOOP:-asyncio}" >/dev/null 2>&1 &
+PIDS=($!)
+SERVE=(--config "$CONFIG" --log-level "$LEVEL" --log-format json --loop "${SIDEGATE_LOOP:-auto}")
+taskset -c 0 .venv/bin/sidegate serve "${SERVE[@]}" --port $((PORT + 1)) 2>"$WORK/$CHAIN.log" &
+PIDS+=($!)
+for parts in "$@"; do
+  port=$((PORT + ${#NAMES[@]}))
+  taskset -c 0 $PY -m bench.knockout "$parts" -- "${SERVE[@]}" --port "$port" \
+    2>"$WORK/without-$parts.log" &
+  PIDS+=($!); NAMES+=("without $parts"); PORTS+=("$port")
+done
+for port in "${PORTS[@]}"; do wait_for "$port"; done
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+for round in $(seq 1 "$ROUNDS"); do
+  for i in "${!NAMES[@]}"; do
+    URL=http://127.0.0.1:${PORTS[$i]}/v1/chat/completions
+    taskset -c 1 wrk -t1 -c"$C" -d1s -s "$BENCH_CHAT_LUA" "$URL" >/dev/null
+    t0=$(ticks "${PIDS[$i]}")
+    n=$(taskset -c 1 wrk -t1 -c"$C" -d"${SECONDS_}s" -s "$BENCH_CHAT_LUA" "$URL" |
+      awk '/requests in/ {print $1}')
+    t1=$(ticks "${PIDS[$i]}")
+    echo "round $round	${NAMES[$i]}	$(( (t1 - t0) * 1000000 / HZ / n ))"
+  done
+done | tee "$WORK/rounds.tsv" | awk -F'\t' '{printf "%s: %s: %s µs a request\n", $1, $2, $3}'
+# Medians per process, and each as a multiple of the floor's median.
+$PY - "$WORK/rounds.tsv" <<'PYTHON'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    _, name, us = line.rstrip("\n").split("\t")
+    rows.setdefault(name, []).append(int(us))
+floor = statistics.median(rows["floor"])
+for name, values in rows.items():
+    median = statistics.median(values)
+    print(f"median {name}: {median:.0f} µs a request, {median / floor:.2f}x the floor")
+PYTHON
