@@ -45,7 +45,7 @@ for round in $(seq 1 "$ROUNDS"); do
     t1=$(ticks "${PIDS[$i]}")
     echo "round $round	${NAMES[$i]}	$(( (t1 - t0) * 1000000 / HZ / n ))"
   done
-done | tee "$WORK/rounds.tsv" | awk -F'\t' '{printf "%s: %s: %s µs a request\n", $1, $2, $3}'
+done | tee "$WORK/rounds.tsv" | awk -F'\t' '{printf "%s: %s: %s µs a request\n", $1, $2, $3; fflush()}'
 # Medians per process, and each as a multiple of the floor's median.
 $PY - "$WORK/rounds.tsv" <<'PYTHON'
 import statistics, sys
