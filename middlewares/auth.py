@@ -68,7 +68,12 @@ def auth_middleware(
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exempt is None or not exempt(request):
-            request[PRINCIPAL_KEY] = await authenticator.principal(request)
+            credential = _credential(request)
+            if credential.startswith(KEY_PREFIX) and authenticator.api_keys is not None:
+                principal = authenticator.from_key(credential)  # no coroutine: nothing to await
+            else:
+                principal = await authenticator.from_other(credential)
+            request[PRINCIPAL_KEY] = principal
         return await handler(request)
 
     return auth
@@ -88,15 +93,13 @@ class _Authenticator:
         self.clock = clock
         self._principals: dict[str, Principal] = {}  # by key digest: the same for every request
 
-    async def principal(self, request: web.Request) -> Principal:
-        credential = _credential(request)
-        if credential.startswith(KEY_PREFIX) and self.api_keys is not None:
-            return self._from_key(credential)
+    async def from_other(self, credential: str) -> Principal:
+        """The Principal of a credential that is not one of our API keys: a JWT, or 401."""
         if credential.count(".") == 2 and self.jwt is not None:
             return await self._from_token(credential)
         raise Unauthorized("The API key or token is not valid.")
 
-    def _from_key(self, presented: str) -> Principal:
+    def from_key(self, presented: str) -> Principal:
         assert self.api_keys is not None
         key = self.api_keys.lookup(presented)
         if key is None:

@@ -27,13 +27,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
+    content = request.content
     parts: list[bytes] = []
     size = 0
-    while chunk := await request.content.readany():
+    while chunk := await content.readany():
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
         parts.append(chunk)
+        if size == length:  # all the Content-Length promised: no read to wait for the end
+            break
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 

@@ -74,10 +74,14 @@ def route_middleware(
             path = normalise_path(raw_path)
             if len(safe_paths) < _REMEMBERED_PATHS:
                 safe_paths[raw_path] = path
-        principal = request.get(PRINCIPAL_KEY)
-        if principal is None:
-            raise Unauthorized("No API key was provided.")
-        request_id = request.get(REQUEST_ID_KEY) or random_hex(12)
+        try:  # request.get() is Mapping's, in Python: two calls where this is one
+            principal = request[PRINCIPAL_KEY]
+        except KeyError:
+            raise Unauthorized("No API key was provided.") from None
+        try:
+            request_id = request[REQUEST_ID_KEY]
+        except KeyError:
+            request_id = random_hex(12)
         if endpoint is PASSTHROUGH:
             if ADMIN_ROLE not in principal.roles:
                 raise Forbidden("/upstreams/... needs the admin role.", code="admin_required")
@@ -124,13 +128,19 @@ async def _passthrough(
 
 
 def _media_type(request: web.Request, endpoint: Endpoint) -> str:
-    """The request's Content-Type header, once it is known to be what ``endpoint`` takes (415)."""
+    """The request's Content-Type header, once it is known to be what ``endpoint`` takes (415).
+
+    The media type is read off the header as aiohttp's ``content_type`` reads it (the part
+    before any ``;``, stripped, lower-cased), without the parameters it also parses; only a
+    header that fails that check is given to aiohttp, for the type the error names.
+    """
     expected = "application/json" if endpoint.body == "json" else "multipart/form-data"
-    if request.content_type != expected:
+    raw = request.headers.get("Content-Type", "")
+    if raw.partition(";")[0].strip().lower() != expected and request.content_type != expected:
         raise UnsupportedMediaType(
             f"{endpoint.path} takes {expected}, not {request.content_type or 'an empty type'}."
         )
-    return request.headers.get("Content-Type", "")
+    return raw
 
 
 def _routed(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -9,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import MEIVAN_SECRET, MERIDIAN_SECRET, GatewayFactory, Upstream
+from tests.conftest import ADMIN_KEY, MEIVAN_SECRET, MERIDIAN_SECRET, GatewayFactory, Upstream
 
 Client = TestClient[web.Request, web.Application]
 
@@ -184,6 +185,76 @@ async def test_wrong_media_type_is_415(gateway: Client, meridian: Upstream) -> N
     form = await gateway.post("/v1/audio/transcriptions", json={"model": "meridian-whisper-1"})
     await _error(form, 415)
     assert meridian.state.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/json", 200),
+        ("Application/JSON ; charset=utf-8", 200),  # the media type is case-insensitive
+        ("application/json;foo=bar;charset=utf-8", 200),
+        ("application/jsonx", 415),
+        ("application/json-patch+json", 415),
+        ("text/plain; x=application/json", 415),
+        ("", 415),
+    ],
+)
+async def test_the_media_type_is_read_as_aiohttp_reads_it(
+    gateway: Client, meridian: Upstream, content_type: str, status: int
+) -> None:
+    body = orjson.dumps({"model": "meridian-1", "messages": [{"role": "user", "content": "x"}]})
+    response = await gateway.post(
+        "/v1/chat/completions", data=body, headers={"Content-Type": content_type}
+    )
+    assert response.status == status, await response.text()
+    if status == 415:
+        error = await _error(response, 415)
+        expected = content_type.partition(";")[0].strip().lower() or "an empty type"
+        if not content_type:  # aiohttp's reading of no header
+            expected = "application/octet-stream"
+        assert error["message"].endswith(f"not {expected}.")
+        assert meridian.state.count() == 0
+    else:
+        assert meridian.state.received[-1].headers["Content-Type"] == content_type
+        assert meridian.state.received[-1].body == body
+
+
+async def test_a_body_in_pieces_is_read_whole_and_the_connection_kept(
+    gateway: Client, meridian: Upstream
+) -> None:
+    # Content-Length, the body sent in three writes: read whole, then a second request on the
+    # same connection (the first was read to its end, so aiohttp keeps the connection).
+    body = orjson.dumps(
+        {"model": "meridian-1", "messages": [{"role": "user", "content": "y" * 3000}]}
+    )
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {ADMIN_KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    assert gateway.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.server.port)
+    try:
+        for _ in range(2):
+            writer.write(head + body[:100])
+            await writer.drain()
+            writer.write(body[100:2000])
+            await writer.drain()
+            writer.write(body[2000:])
+            await writer.drain()
+            status = await reader.readline()
+            assert status.startswith(b"HTTP/1.1 200"), status
+            length = 0
+            while (line := await reader.readline()) != b"\r\n":
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+                assert name.lower() != "connection" or "close" not in value.lower()
+            answer = orjson.loads(await reader.readexactly(length))
+            assert answer["object"] == "chat.completion"
+            assert meridian.state.received[-1].body == body
+    finally:
+        writer.close()
+    assert meridian.state.count("/v1/chat/completions") == 2
 
 
 async def test_body_over_the_limit_is_413_before_any_upstream_call(
