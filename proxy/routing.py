@@ -79,7 +79,7 @@ def route_middleware(
         except KeyError:
             raise Unauthorized("No API key was provided.") from None
         try:
-            request_id = request[REQUEST_ID_KEY]
+            request_id = request[REQUEST_ID_KEY] or random_hex(12)
         except KeyError:
             request_id = random_hex(12)
         if endpoint is PASSTHROUGH:
