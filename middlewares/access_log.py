@@ -139,6 +139,9 @@ async def stamp_request_id(request: web.Request, response: web.StreamResponse) -
 
 def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """What :func:`stamp_request_id` does, for an app that runs one prepare hook of its own."""
-    request_id = request.get(REQUEST_ID_KEY)
+    try:  # not request.get(): that is Mapping's, two Python calls where this is one
+        request_id = request[REQUEST_ID_KEY]
+    except KeyError:
+        return
     if request_id is not None:
         response.headers["x-request-id"] = request_id

@@ -179,7 +179,10 @@ def apply_ratelimit_headers(request: web.Request, response: web.StreamResponse) 
 
     Idempotent; call it before ``prepare()`` if the signal handler is not registered.
     """
-    rewriter = request.get(_REWRITER)
+    try:  # not request.get(): that is Mapping's, two Python calls where this is one
+        rewriter: _Rewriter | None = request[_REWRITER]
+    except KeyError:
+        rewriter = None
     if response.status == 429:
         _ensure_retry_after(response, time.time() if rewriter is None else rewriter.clock())
     if rewriter is not None:

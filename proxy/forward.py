@@ -20,7 +20,7 @@ from sidegate.middlewares.contract import CALL_KEY, Call, Vendor
 from sidegate.middlewares.errors import SidegateError, UpstreamError
 from sidegate.middlewares.outbound import OUTBOUND, Outbound
 
-from .headers import downstream_headers, upstream_headers
+from .headers import downstream_headers, media_type, upstream_headers
 from .runtime import UpstreamTarget
 from .state import ACTIVE_KEY
 
@@ -80,7 +80,7 @@ async def forward_handler(request: web.Request) -> web.StreamResponse:
     call.upstream_latency_ms = (time.perf_counter() - started) * 1000.0
     state.metrics.upstream_response(target.name, status)
     try:
-        if upstream.content_type == "text/event-stream":
+        if media_type(upstream.headers) == "text/event-stream":
             return await _stream(request, upstream, call, outbound, state.metrics.streams_in_flight)
         try:
             body = await upstream.read()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from aiohttp.hdrs import CONNECTION, X_FORWARDED_FOR
+from aiohttp.hdrs import CONNECTION, CONTENT_TYPE, X_FORWARDED_FOR
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-__all__ = ["downstream_headers", "upstream_headers"]
+__all__ = ["downstream_headers", "media_type", "upstream_headers"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -97,3 +97,9 @@ def _drop_connection_named(headers: CIMultiDictProxy[str], out: CIMultiDict[str]
     for value in headers.getall(CONNECTION, ()):
         for token in value.split(","):
             out.popall(token.strip().lower(), None)
+
+
+def media_type(headers: CIMultiDictProxy[str]) -> str:
+    """The media type ``Content-Type`` names, read as aiohttp's ``content_type`` reads it (the
+    part before any ``;``, stripped, lower-cased), without parsing the parameters as it does."""
+    return headers.get(CONTENT_TYPE, "").partition(";")[0].strip().lower()

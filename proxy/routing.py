@@ -36,6 +36,7 @@ from sidegate.middlewares.ids import random_hex
 
 from .body import form_field_span, json_string_span, read_body, splice
 from .dialects import MODEL_FIELD, Endpoint
+from .headers import media_type
 from .paths import normalise_path
 from .runtime import ModelTarget, Runtime
 
@@ -130,17 +131,16 @@ async def _passthrough(
 def _media_type(request: web.Request, endpoint: Endpoint) -> str:
     """The request's Content-Type header, once it is known to be what ``endpoint`` takes (415).
 
-    The media type is read off the header as aiohttp's ``content_type`` reads it (the part
-    before any ``;``, stripped, lower-cased), without the parameters it also parses; only a
-    header that fails that check is given to aiohttp, for the type the error names.
+    The media type is read off the header by :func:`~.headers.media_type`, as aiohttp reads it;
+    only a header that fails that check is given to aiohttp's parser, for the type the error
+    names.
     """
     expected = "application/json" if endpoint.body == "json" else "multipart/form-data"
-    raw = request.headers.get("Content-Type", "")
-    if raw.partition(";")[0].strip().lower() != expected and request.content_type != expected:
+    if media_type(request.headers) != expected and request.content_type != expected:
         raise UnsupportedMediaType(
             f"{endpoint.path} takes {expected}, not {request.content_type or 'an empty type'}."
         )
-    return raw
+    return request.headers.get("Content-Type", "")
 
 
 def _routed(

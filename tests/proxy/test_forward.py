@@ -8,12 +8,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.helpers import parse_content_type
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidegate.config.models import SidegateConfig
 from sidegate.proxy.app import create_app
-from sidegate.proxy.headers import downstream_headers
+from sidegate.proxy.headers import downstream_headers, media_type
 from sidegate.proxy.mock import Fault
 from sidegate.proxy.state import STATE_KEY
 from tests.conftest import (
@@ -125,6 +126,29 @@ async def _custom_upstream(
     app.router.add_route("*", "/{tail:.*}", handler)
     server = await aiohttp_server(app)
     return server, base_config(str(server.make_url("")).rstrip("/"), "http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "text/event-stream",
+        "Text/Event-Stream; charset=utf-8",
+        " text/event-stream ;x=y",
+        "text/event-streams",
+        "application/json; x=text/event-stream",
+        "application/json",
+        "",
+        "nonsense",
+    ],
+)
+def test_the_media_type_is_what_aiohttp_reads_for_the_types_sidegate_asks_about(value: str) -> None:
+    # media_type() skips aiohttp's parser (which copies the parameters too); for every type
+    # sidegate compares against, the answer must be aiohttp's own.
+    headers = CIMultiDictProxy(CIMultiDict({"Content-Type": value}))
+    theirs = parse_content_type(value)[0]
+    for wanted in ("text/event-stream", "application/json", "multipart/form-data"):
+        assert (media_type(headers) == wanted) is (theirs == wanted), (value, wanted)
+    assert media_type(CIMultiDictProxy(CIMultiDict())) == ""  # no header: no type
 
 
 async def test_upstream_hop_by_hop_response_headers_are_stripped(
