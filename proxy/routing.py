@@ -88,7 +88,7 @@ def route_middleware(
                 raise Forbidden("/upstreams/... needs the admin role.", code="admin_required")
             call = await _passthrough(request, runtime, path, request_id, max_body_bytes)
         else:
-            content_type = _media_type(request, endpoint)
+            content_type = _content_type(request, endpoint)
             body = await read_body(request, max_body_bytes)
             call = _routed(runtime, endpoint, request_id, body, content_type, routes)
             route = call.route
@@ -128,15 +128,14 @@ async def _passthrough(
     return Call(request_id, route, body, request.headers.get("Content-Type", ""))
 
 
-def _media_type(request: web.Request, endpoint: Endpoint) -> str:
-    """The request's Content-Type header, once it is known to be what ``endpoint`` takes (415).
+def _content_type(request: web.Request, endpoint: Endpoint) -> str:
+    """The request's Content-Type header, once its media type is what ``endpoint`` takes (415).
 
-    The media type is read off the header by :func:`~.headers.media_type`, as aiohttp reads it;
-    only a header that fails that check is given to aiohttp's parser, for the type the error
-    names.
+    The media type is read by :func:`~.headers.media_type`, which reads it as aiohttp does;
+    aiohttp's parser runs only for a refusal, for the type its message names.
     """
     expected = "application/json" if endpoint.body == "json" else "multipart/form-data"
-    if media_type(request.headers) != expected and request.content_type != expected:
+    if media_type(request.headers) != expected:
         raise UnsupportedMediaType(
             f"{endpoint.path} takes {expected}, not {request.content_type or 'an empty type'}."
         )
