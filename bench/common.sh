@@ -1,8 +1,9 @@
-# Sourced (from the repository root) by bench/instructions.sh and bench/cpu_split.sh: PY, a work
-# directory WORK (removed on exit, with every background job stopped; KEEP=DIR copies callgrind's
-# output there first), a port UP for the mock and a base port PORT for the proxies, and the
-# harness's own configs, environment and chat wrk script (python -m bench.sidegate_setup):
-# BENCH_BARE, BENCH_FULL, BENCH_CHAT_LUA and the BENCH_* the configs interpolate.
+# Sourced (from the repository root) by bench/instructions.sh, bench/cpu_split.sh and
+# bench/knockouts.sh: PY, a work directory WORK (removed on exit, with every background job
+# stopped; KEEP=DIR copies callgrind's output there first), a port UP for the mock and a base
+# port PORT for the proxies, the harness's own configs, environment and chat wrk script (python
+# -m bench.sidegate_setup): BENCH_BARE, BENCH_FULL, BENCH_CHAT_LUA and the BENCH_* the configs
+# interpolate; and wait_for and cpu_per_request (below).
 PY=.venv/bin/python
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp "$WORK"/cg.out* "$KEEP"/ ; rm -rf "$WORK"' EXIT
@@ -16,4 +17,17 @@ wait_for() {
     sleep 0.2
   done
   return 1
+}
+
+# cpu_per_request PID PORT C SECONDS: load PORT's chat endpoint with wrk at concurrency C (1 s to
+# warm up, then SECONDS measured) and print "REQUESTS USER_US SYSTEM_US": the requests completed,
+# and PID's utime and stime (/proc/PID/stat) over them, in µs a request.
+cpu_per_request() {
+  local url=http://127.0.0.1:$2/v1/chat/completions hz n u0 s0 u1 s1
+  hz=$(getconf CLK_TCK)
+  taskset -c 1 wrk -t1 -c"$3" -d1s -s "$BENCH_CHAT_LUA" "$url" >/dev/null
+  read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$1/stat")
+  n=$(taskset -c 1 wrk -t1 -c"$3" -d"$4s" -s "$BENCH_CHAT_LUA" "$url" | awk '/requests in/ {print $1}')
+  read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$1/stat")
+  echo "$n $(( (u1 - u0) * 1000000 / hz / n )) $(( (s1 - s0) * 1000000 / hz / n ))"
 }

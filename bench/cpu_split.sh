@@ -26,16 +26,10 @@ taskset -c 0 .venv/bin/sidegate serve --config "$BENCH_FULL" --port $((PORT + 2)
   2>"$WORK/full.log" &
 FULL=$!
 for port in "$PORT" $((PORT + 1)) $((PORT + 2)); do wait_for "$port"; done
-ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
-HZ=$(getconf CLK_TCK)
 for round in $(seq 1 "$ROUNDS"); do
   for target in "floor $FLOOR $PORT" "bare $BARE $((PORT + 1))" "full $FULL $((PORT + 2))"; do
     set -- $target
-    URL=http://127.0.0.1:$3/v1/chat/completions
-    taskset -c 1 wrk -t1 -c"$C" -d1s -s "$BENCH_CHAT_LUA" "$URL" >/dev/null
-    read -r u0 s0 < <(ticks "$2")
-    n=$(taskset -c 1 wrk -t1 -c"$C" -d"${SECONDS_}s" -s "$BENCH_CHAT_LUA" "$URL" | awk '/requests in/ {print $1}')
-    read -r u1 s1 < <(ticks "$2")
-    echo "round $round $1: $n requests, user $(( (u1 - u0) * 1000000 / HZ / n )) µs, system $(( (s1 - s0) * 1000000 / HZ / n )) µs a request"
+    read -r n user system < <(cpu_per_request "$2" "$3" "$C" "$SECONDS_")
+    echo "round $round $1: $n requests, user $user µs, system $system µs a request"
   done
 done

@@ -33,17 +33,10 @@ for parts in "$@"; do
   PIDS+=($!); NAMES+=("without $parts"); PORTS+=("$port")
 done
 for port in "${PORTS[@]}"; do wait_for "$port"; done
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-HZ=$(getconf CLK_TCK)
 for round in $(seq 1 "$ROUNDS"); do
   for i in "${!NAMES[@]}"; do
-    URL=http://127.0.0.1:${PORTS[$i]}/v1/chat/completions
-    taskset -c 1 wrk -t1 -c"$C" -d1s -s "$BENCH_CHAT_LUA" "$URL" >/dev/null
-    t0=$(ticks "${PIDS[$i]}")
-    n=$(taskset -c 1 wrk -t1 -c"$C" -d"${SECONDS_}s" -s "$BENCH_CHAT_LUA" "$URL" |
-      awk '/requests in/ {print $1}')
-    t1=$(ticks "${PIDS[$i]}")
-    echo "round $round	${NAMES[$i]}	$(( (t1 - t0) * 1000000 / HZ / n ))"
+    read -r _ user system < <(cpu_per_request "${PIDS[$i]}" "${PORTS[$i]}" "$C" "$SECONDS_")
+    echo "round $round	${NAMES[$i]}	$((user + system))"
   done
 done | tee "$WORK/rounds.tsv" | awk -F'\t' '{printf "%s: %s: %s µs a request\n", $1, $2, $3; fflush()}'
 # Medians per process, and each as a multiple of the floor's median.
