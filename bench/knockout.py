@@ -4,7 +4,8 @@
 shipped (the same event loop, logging and garbage-collector settings) with the named parts taken
 out once the config is active. A part is one of:
 
-- ``access_log``: the app middleware that assigns the request id and logs (and counts) a line;
+- ``access_log``: the app middleware that assigns the request id and logs (and counts) a line
+  (replaced by the error middleware, which it also is);
 - ``prepare_hook``: the response-prepare hook (x-request-id and rate-limit headers on responses);
 - a policy of the config's chain: ``auth``, ``routing``, ``embeddings_cache``, ``limits``,
   ``ratelimit_headers``;
@@ -27,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from sidegate.middlewares.errors import error_middleware
 from sidegate.proxy import app as gateway
 from sidegate.proxy import cli
 from sidegate.proxy.state import STATE_KEY
@@ -40,9 +42,9 @@ _NEEDED = frozenset({"auth", "routing"})
 
 def knock_out(app: web.Application, parts: Collection[str]) -> None:
     """Take ``parts`` out of the gateway ``app`` (made by ``create_app``, not started yet)."""
-    if "access_log" in parts:
-        middleware = next(m for m in app.middlewares if m.__qualname__ == _ACCESS_LOG)
-        app.middlewares.remove(middleware)
+    if "access_log" in parts:  # the errors' envelope stays: what the access log also does
+        index = next(i for i, m in enumerate(app.middlewares) if m.__qualname__ == _ACCESS_LOG)
+        app.middlewares[index] = error_middleware
     if "prepare_hook" in parts:
         app.on_response_prepare.remove(gateway._on_response_prepare)
     chain_parts = set(parts) - set(APP_PARTS)

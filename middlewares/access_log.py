@@ -17,6 +17,7 @@ from aiohttp.typedefs import Handler, Middleware
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from .contract import CALL_KEY, REQUEST_ID_KEY, Call
+from .errors import response_for
 from .ids import random_hex
 
 __all__ = ["RequestObserver", "access_log_middleware", "add_request_id", "stamp_request_id"]
@@ -36,13 +37,18 @@ def _client_request_id(value: str | None) -> str | None:
     return None
 
 
-def access_log_middleware(*, observer: RequestObserver | None = None) -> Middleware:
+def access_log_middleware(
+    *, observer: RequestObserver | None = None, envelope_errors: bool = False
+) -> Middleware:
     """Assign the request id, and log one line (and tell ``observer``) when the request ends.
 
     The line holds: request id, method, path, status, latency; and, when routing made a
     :class:`~sidegate.middlewares.contract.Call`, upstream, model, team, stream, attempts,
     upstream status and latency, bytes sent. Never a header value, so never a credential.
     When the configured level filters info lines out, the line costs one level check.
+
+    ``envelope_errors=True`` makes it also what :func:`~.errors.error_middleware` just inside it
+    would be (errors answered with the envelope, and logged with that status), in one coroutine.
     """
 
     @web.middleware
@@ -53,7 +59,13 @@ def access_log_middleware(*, observer: RequestObserver | None = None) -> Middlew
         status = 500
         tokens = bind_contextvars(request_id=request_id)
         try:
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                answer = response_for(request, exc) if envelope_errors else None
+                if answer is None:
+                    raise
+                response = answer
             status = response.status
             return response
         finally:

@@ -12,17 +12,18 @@ exception while verifying is a 401, never a pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Middleware
 
 from .api_keys import KEY_PREFIX, ApiKey, ApiKeyTable
 from .contract import PRINCIPAL_KEY, Principal
 from .errors import Forbidden, SidegateError, Unauthorized
+from .steps import StepMiddleware
 
 __all__ = ["TokenVerifier", "VerifiedToken", "auth_middleware"]
 
@@ -61,22 +62,28 @@ def auth_middleware(
     a token naming another team is refused with 403. A Principal's models are its team's,
     narrowed by the key's own list. An API key's Principal is built on the key's first use and
     reused (``api_keys`` and ``teams`` are read as they are then); a disabled or expired key is
-    refused on every request.
+    refused on every request. It is a step (:mod:`.steps`): it acts before the handler only, and
+    an API key is checked without a coroutine.
     """
     authenticator = _Authenticator(api_keys, jwt, teams, clock)
+    keys = authenticator.api_keys
 
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if exempt is None or not exempt(request):
-            credential = _credential(request)
-            if credential.startswith(KEY_PREFIX) and authenticator.api_keys is not None:
-                principal = authenticator.from_key(credential)  # no coroutine: nothing to await
-            else:
-                principal = await authenticator.from_other(credential)
-            request[PRINCIPAL_KEY] = principal
-        return await handler(request)
+    def authenticate(request: web.Request) -> Awaitable[None] | None:
+        if exempt is not None and exempt(request):
+            return None
+        credential = _credential(request)
+        if credential.startswith(KEY_PREFIX) and keys is not None:
+            request[PRINCIPAL_KEY] = authenticator.from_key(credential)  # nothing to await
+            return None
+        return _authenticate_other(request, authenticator, credential)
 
-    return auth
+    return StepMiddleware(authenticate)
+
+
+async def _authenticate_other(
+    request: web.Request, authenticator: _Authenticator, credential: str
+) -> None:
+    request[PRINCIPAL_KEY] = await authenticator.from_other(credential)
 
 
 class _Authenticator:

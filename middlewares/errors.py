@@ -30,6 +30,7 @@ __all__ = [
     "envelope",
     "error_middleware",
     "error_response",
+    "response_for",
 ]
 
 log = structlog.get_logger(__name__)
@@ -146,15 +147,25 @@ async def error_middleware(
     """Turn every error raised below into the envelope; an unexpected one is logged as a 500."""
     try:
         return await handler(request)
-    except SidegateError as exc:
-        return error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
+    except Exception as exc:
+        response = response_for(request, exc)
+        if response is None:
             raise
-        return _http_error(request, exc)
-    except Exception:
-        log.exception("unhandled_error", path=request.path)
-        return error_response(SidegateError("sidegate failed to handle the request."))
+        return response
+
+
+def response_for(request: web.Request, exc: Exception) -> web.Response | None:
+    """What :func:`error_middleware` answers for ``exc``, raised while handling ``request``;
+    ``None`` for an HTTP exception under 400 (a redirect), which goes on up as it is.
+
+    Call it from an ``except`` clause: an unexpected error is logged with its traceback.
+    """
+    if isinstance(exc, SidegateError):
+        return error_response(exc)
+    if isinstance(exc, web.HTTPException):
+        return _http_error(request, exc) if exc.status >= 400 else None
+    log.exception("unhandled_error", path=request.path)
+    return error_response(SidegateError("sidegate failed to handle the request."))
 
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:

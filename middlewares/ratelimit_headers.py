@@ -41,6 +41,7 @@ from .ratelimits import (
     parse_retry_after,
     retry_hint,
 )
+from .steps import StepMiddleware
 
 __all__ = [
     "ModeSetting",
@@ -148,7 +149,7 @@ def ratelimit_headers_middleware(
     handler returns are rewritten here; streamed ones need :func:`ratelimit_headers_on_prepare`
     in the app's ``on_response_prepare``. ``on_prepare=True`` says the app has it (as
     :func:`setup_ratelimit_headers` and sidegate's gateway do): every response is then rewritten
-    there, once, and the middleware only marks the request.
+    there, once, and the middleware only marks the request (a step: :mod:`.steps`).
     """
     if not callable(mode) and mode not in _MODES:
         raise ValueError(f"unknown rate-limit headers mode {mode!r}")
@@ -156,12 +157,10 @@ def ratelimit_headers_middleware(
 
     if on_prepare:
 
-        @web.middleware
-        async def mark(request: web.Request, handler: Handler) -> web.StreamResponse:
+        def mark(request: web.Request) -> None:
             request[_REWRITER] = rewriter
-            return await handler(request)
 
-        return mark
+        return StepMiddleware(mark)
 
     @web.middleware
     async def ratelimit_headers(request: web.Request, handler: Handler) -> web.StreamResponse:

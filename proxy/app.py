@@ -15,7 +15,7 @@ from aiohttp.typedefs import Handler, Middleware
 from sidegate.config import load_config
 from sidegate.config.models import MemoryStore, RedisStore, SidegateConfig, SqliteStore
 from sidegate.middlewares.access_log import access_log_middleware, add_request_id
-from sidegate.middlewares.errors import SidegateError, error_middleware
+from sidegate.middlewares.errors import SidegateError
 from sidegate.middlewares.ratelimit_headers import apply_ratelimit_headers
 from sidegate.middlewares.store import Stores, open_stores
 from sidegate.middlewares.store.leases import LeasedStores
@@ -45,7 +45,7 @@ def create_app(config: SidegateConfig | str | os.PathLike[str]) -> web.Applicati
     assert isinstance(loaded, SidegateConfig)
     metrics = Metrics()
     app = web.Application(
-        middlewares=[access_log_middleware(observer=metrics), error_middleware],
+        middlewares=[access_log_middleware(observer=metrics, envelope_errors=True)],
         handler_args={"max_field_size": 65536},
     )
     router = app.router

@@ -62,7 +62,7 @@ async def forward_handler(request: web.Request) -> web.StreamResponse:
             allow_redirects=False,
             # The client's User-Agent passes through; none is made up for a client without one.
             skip_auto_headers=None if hdrs.USER_AGENT in headers else _NO_USER_AGENT,
-            middlewares=active.client_middlewares,
+            middlewares=active.client_chain,
         )
     except SidegateError as exc:
         exc.headers.update(outbound.response_headers())

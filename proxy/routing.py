@@ -7,12 +7,12 @@ the forwarded bytes and nowhere else. ``/upstreams/{name}/v1/...`` goes to one n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Middleware
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from sidegate.middlewares.contract import (
@@ -33,6 +33,7 @@ from sidegate.middlewares.errors import (
     UnsupportedMediaType,
 )
 from sidegate.middlewares.ids import random_hex
+from sidegate.middlewares.steps import StepMiddleware
 
 from .body import form_field_span, json_string_span, read_body, splice
 from .dialects import MODEL_FIELD, Endpoint
@@ -58,17 +59,20 @@ def route_middleware(
     here, before any upstream connection: 400 (path, JSON, missing field), 404 (unknown model or
     upstream), 413 (body over ``max_body_bytes``), 415 (content type). So is what the caller may
     not do: a model outside its allowlist (403 ``model_not_allowed``), ``/upstreams/...``
-    without the admin role (403 ``admin_required``), no Principal at all (401).
+    without the admin role (403 ``admin_required``), no Principal at all (401). A step
+    (:mod:`sidegate.middlewares.steps`): all of it happens before the handler.
     """
 
     safe_paths: dict[str, str] = {}  # raw paths seen to pass normalise_path, and the result
     routes: dict[tuple[str, str], Route] = {}  # by endpoint path and public model
 
-    @web.middleware
-    async def routing(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def routing(request: web.Request) -> Awaitable[None] | None:
         endpoint = endpoints.get(request.match_info.route)
         if endpoint is None:
-            return await handler(request)
+            return None
+        return _route(request, endpoint)
+
+    async def _route(request: web.Request, endpoint: Endpoint) -> None:
         raw_path = request.raw_path
         path = safe_paths.get(raw_path)
         if path is None:
@@ -101,9 +105,8 @@ def route_middleware(
                 )
         call.principal = principal
         request[CALL_KEY] = call
-        return await handler(request)
 
-    return routing
+    return StepMiddleware(routing)
 
 
 _REMEMBERED_PATHS = 256

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
-from aiohttp.client_middlewares import ClientMiddlewareType
+from aiohttp.client_middlewares import ClientHandlerType, ClientMiddlewareType
+from aiohttp.client_reqrep import ClientRequest, ClientResponse
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_urldispatcher import AbstractResource, AbstractRoute
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 from sidegate.middlewares.embeddings_cache import VectorCache
 from sidegate.middlewares.keys import KeyPools
 from sidegate.middlewares.retry import RetryBudget
+from sidegate.middlewares.steps import compose
 from sidegate.middlewares.store import Stores
 
 from .dialects import Endpoint
@@ -43,17 +44,43 @@ class Active:
     names: tuple[str, ...] = ()
     """The policies then the client middlewares, outermost first (for tests and diagnostics)."""
     _chains: dict[Handler, Handler] = field(default_factory=dict)
+    client_chain: tuple[ClientMiddlewareType, ...] = field(init=False)
+    """``client_middlewares`` as the upstream session takes them: composed into one."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "client_chain", compose_client(self.client_middlewares))
 
     def chain(self, handler: Handler) -> Handler:
-        """The policies around ``handler`` (a route's handler), composed on its first request."""
+        """The policies around ``handler`` (a route's handler), composed on its first request
+        (:func:`~sidegate.middlewares.steps.compose`: steps share one coroutine)."""
         chain = self._chains.get(handler)
         if chain is None:
-            chain = handler
-            for policy in reversed(self.policies):
-                chain = functools.partial(policy, handler=chain)
+            chain = compose(self.policies, handler)
             if len(self._chains) < _REMEMBERED_CHAINS:  # one per route handler
                 self._chains[handler] = chain
         return chain
+
+
+def compose_client(
+    middlewares: tuple[ClientMiddlewareType, ...],
+) -> tuple[ClientMiddlewareType, ...]:
+    """Client middlewares (outermost first) as one, which calls each with the next bound to it.
+
+    What aiohttp would run, less a wrapper coroutine (and a closure) per middleware and request:
+    aiohttp wraps a single middleware once, two or more each in a coroutine of their own.
+    """
+    if len(middlewares) < 2:
+        return middlewares
+    outer, *inner = middlewares
+    rest = compose_client(tuple(inner))[0]
+
+    def composed(request: ClientRequest, handler: ClientHandlerType) -> Awaitable[ClientResponse]:
+        def then(request: ClientRequest) -> Awaitable[ClientResponse]:
+            return rest(request, handler)
+
+        return outer(request, then)
+
+    return (composed,)
 
 
 _REMEMBERED_CHAINS = 64

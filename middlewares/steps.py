@@ -1,0 +1,69 @@
+"""Policies that act only before the handler, and the chain that runs them in one frame.
+
+A policy such as auth, routing or the rate-limit headers' mark does its work before the handler
+and nothing after it: it is a *step*, a function of the request that returns ``None`` or, when it
+has to wait (reading a body, verifying a JWT), an awaitable. :class:`StepMiddleware` is a step as
+an ordinary aiohttp middleware, for an app of one's own. :func:`compose` builds sidegate's chain:
+consecutive steps run one after the other inside a single coroutine instead of one coroutine each
+wrapping the rest of the chain, so a request's stack is shallower for as long as it waits on the
+upstream (every resumption passes through each frame on it) and each step costs a call, not a
+coroutine. What a request sees is the same: the steps run in order, an error raised by one stops
+the chain there.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+__all__ = ["Step", "StepMiddleware", "compose"]
+
+Step = Callable[[web.Request], Awaitable[None] | None]
+
+
+class StepMiddleware:
+    """An aiohttp (new-style) middleware that runs ``step`` and then the handler."""
+
+    __middleware_version__ = 1
+    __slots__ = ("step",)
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        pending = self.step(request)
+        if pending is not None:
+            await pending
+        return await handler(request)
+
+
+def compose(policies: Sequence[Middleware], handler: Handler) -> Handler:
+    """``policies`` (outermost first) around ``handler``; runs of steps share one coroutine."""
+    chain = handler
+    steps: list[Step] = []
+    for policy in reversed(policies):
+        if isinstance(policy, StepMiddleware):
+            steps.append(policy.step)
+            continue
+        chain = functools.partial(policy, handler=_after(steps, chain))
+        steps = []
+    return _after(steps, chain)
+
+
+def _after(reversed_steps: list[Step], handler: Handler) -> Handler:
+    """``handler`` after the steps (given innermost first), in one coroutine."""
+    if not reversed_steps:
+        return handler
+    steps = tuple(reversed(reversed_steps))
+
+    async def run(request: web.Request) -> web.StreamResponse:
+        for step in steps:
+            pending = step(request)
+            if pending is not None:
+                await pending
+        return await handler(request)
+
+    return run
