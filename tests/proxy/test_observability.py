@@ -144,6 +144,32 @@ async def test_the_access_line_is_the_one_structlogs_own_info_call_writes(
     assert {**again, "timestamp": stamp} == orjson.loads(written)
 
 
+async def test_lines_logged_during_a_request_carry_its_id(
+    aiohttp_client: Any, log_output: io.StringIO
+) -> None:
+    configure_logging("info", "json", stream=log_output, cache=False)
+    inside = structlog.get_logger("test.inside")
+
+    async def handler(request: web.Request) -> web.Response:
+        inside.info("inside")
+        return web.Response(text="ok")
+
+    app = web.Application(middlewares=[access_log.access_log_middleware()])
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    for request_id in ("rid-7", "rid-8"):
+        assert (await client.get("/", headers={"x-request-id": request_id})).status == 200
+    lines = [orjson.loads(line) for line in log_output.getvalue().splitlines()]
+    ours = ("inside", "request")  # not aiohttp's own access line
+    ids = [(line["event"], line.get("request_id")) for line in lines if line["event"] in ours]
+    assert ids == [
+        ("inside", "rid-7"),
+        ("request", "rid-7"),
+        ("inside", "rid-8"),
+        ("request", "rid-8"),
+    ]
+
+
 def test_the_metrics_read_as_prometheus_client_would_write_them() -> None:
     """The per-request metrics are plain numbers until scraped; the exposition is the one
     prometheus_client's Counter and Histogram give for the same observations."""
