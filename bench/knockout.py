@@ -4,9 +4,9 @@
 shipped (the same event loop, logging and garbage-collector settings) with the named parts taken
 out once the config is active. A part is one of:
 
-- ``access_log``: the app middleware that assigns the request id and logs (and counts) a line
-  (replaced by the error middleware, which it also is);
-- ``prepare_hook``: the response-prepare hook (x-request-id and rate-limit headers on responses);
+- ``access_log``: the app middleware that assigns the request id, logs (and counts) a line and
+  stamps responses with x-request-id and the rate-limit headers (replaced by the error
+  middleware, which it also is: errors keep their envelope);
 - a policy of the config's chain: ``auth``, ``routing``, ``embeddings_cache``, ``limits``,
   ``ratelimit_headers``;
 - an upstream client middleware: ``retry``, ``key_rotation``.
@@ -35,7 +35,7 @@ from sidegate.proxy.state import STATE_KEY
 
 __all__ = ["APP_PARTS", "knock_out", "main"]
 
-APP_PARTS = ("access_log", "prepare_hook")
+APP_PARTS = ("access_log",)
 _ACCESS_LOG = "access_log_middleware.<locals>.access_log"
 _NEEDED = frozenset({"auth", "routing"})
 
@@ -45,8 +45,6 @@ def knock_out(app: web.Application, parts: Collection[str]) -> None:
     if "access_log" in parts:  # the errors' envelope stays: what the access log also does
         index = next(i for i, m in enumerate(app.middlewares) if m.__qualname__ == _ACCESS_LOG)
         app.middlewares[index] = error_middleware
-    if "prepare_hook" in parts:
-        app.on_response_prepare.remove(gateway._on_response_prepare)
     chain_parts = set(parts) - set(APP_PARTS)
 
     async def drop(app: web.Application) -> None:  # runs once the config is active

@@ -4,7 +4,7 @@
 #
 #   bench/knockouts.sh ROUNDS SECONDS C bare|full PARTS [PARTS ...]
 #
-# e.g. bench/knockouts.sh 8 5 16 bare access_log prepare_hook retry,key_rotation
+# e.g. bench/knockouts.sh 8 5 16 bare access_log ratelimit_headers retry,key_rotation
 # Each PARTS (comma-separated) is one more process; all run on CPU 0 (the mock and wrk on CPU 1),
 # each loaded in turn for SECONDS after a 1 s warm-up, and its utime + stime over the requests it
 # completed is its CPU per request. FLOOR_LOOP (asyncio) and SIDEGATE_LOOP (auto) choose the

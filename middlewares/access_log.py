@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Protocol
 
@@ -39,7 +40,10 @@ def _client_request_id(value: str | None) -> str | None:
 
 
 def access_log_middleware(
-    *, observer: RequestObserver | None = None, envelope_errors: bool = False
+    *,
+    observer: RequestObserver | None = None,
+    envelope_errors: bool = False,
+    stamp: Callable[[web.Request, web.StreamResponse], None] | None = None,
 ) -> Middleware:
     """Assign the request id, and log one line (and tell ``observer``) when the request ends.
 
@@ -50,6 +54,9 @@ def access_log_middleware(
 
     ``envelope_errors=True`` makes it also what :func:`~.errors.error_middleware` just inside it
     would be (errors answered with the envelope, and logged with that status), in one coroutine.
+    ``stamp(request, response)`` is called on each response it returns that is not prepared yet
+    (in place of an ``on_response_prepare`` signal: a streamed response, prepared inside the
+    handler, is the handler's to stamp).
     """
 
     bound = _bound_request_id()
@@ -70,6 +77,8 @@ def access_log_middleware(
                     raise
                 response = answer
             status = response.status
+            if stamp is not None and not response.prepared:
+                stamp(request, response)
             return response
         finally:
             try:

@@ -14,15 +14,15 @@ from aiohttp.typedefs import Handler, Middleware
 
 from sidegate.config import load_config
 from sidegate.config.models import MemoryStore, RedisStore, SidegateConfig, SqliteStore
-from sidegate.middlewares.access_log import access_log_middleware, add_request_id
+from sidegate.middlewares.access_log import access_log_middleware
 from sidegate.middlewares.errors import SidegateError
-from sidegate.middlewares.ratelimit_headers import apply_ratelimit_headers
 from sidegate.middlewares.store import Stores, open_stores
 from sidegate.middlewares.store.leases import LeasedStores
 
 from . import handlers
 from .dialects import ENDPOINTS
 from .forward import forward_handler
+from .headers import stamp_response
 from .observability import Metrics
 from .reload import activate, watch_config_file
 from .routing import PASSTHROUGH
@@ -45,7 +45,9 @@ def create_app(config: SidegateConfig | str | os.PathLike[str]) -> web.Applicati
     assert isinstance(loaded, SidegateConfig)
     metrics = Metrics()
     app = web.Application(
-        middlewares=[access_log_middleware(observer=metrics, envelope_errors=True)],
+        middlewares=[
+            access_log_middleware(observer=metrics, envelope_errors=True, stamp=stamp_response)
+        ],
         handler_args={"max_field_size": 65536},
     )
     router = app.router
@@ -71,7 +73,6 @@ def create_app(config: SidegateConfig | str | os.PathLike[str]) -> web.Applicati
     metrics.watch_keys(state.key_pools)
     app[STATE_KEY] = state
     app.middlewares.append(_dispatch(state))
-    app.on_response_prepare.append(_on_response_prepare)
     app.cleanup_ctx.append(_lifecycle(loaded))
     return app
 
@@ -92,12 +93,6 @@ def held_secrets(app: web.Application) -> frozenset[str]:
     """The secret values the app's current config holds (for the log redactor)."""
     active = app[STATE_KEY].active
     return active.runtime.secrets if active is not None else frozenset()
-
-
-async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """Every response, streamed ones too: x-request-id, then the rate-limit headers' mode."""
-    add_request_id(request, response)
-    apply_ratelimit_headers(request, response)
 
 
 def _dispatch(state: GatewayState) -> Middleware:

@@ -20,7 +20,7 @@ from sidegate.middlewares.contract import CALL_KEY, Call, Vendor
 from sidegate.middlewares.errors import SidegateError, UpstreamError
 from sidegate.middlewares.outbound import OUTBOUND, Outbound
 
-from .headers import downstream_headers, media_type, upstream_headers
+from .headers import downstream_headers, media_type, stamp_response, upstream_headers
 from .runtime import UpstreamTarget
 from .state import ACTIVE_KEY
 
@@ -110,6 +110,7 @@ async def _stream(
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     gauge.inc()
     try:
+        stamp_response(request, response)
         await response.prepare(request)
         reader = upstream.content
         sift = call.stream_filter

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from aiohttp import web
 from aiohttp.hdrs import CONNECTION, CONTENT_TYPE, X_FORWARDED_FOR
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-__all__ = ["downstream_headers", "media_type", "upstream_headers"]
+from sidegate.middlewares.access_log import add_request_id
+from sidegate.middlewares.ratelimit_headers import apply_ratelimit_headers
+
+__all__ = ["downstream_headers", "media_type", "stamp_response", "upstream_headers"]
 
 HOP_BY_HOP = frozenset(
     {
@@ -103,3 +107,14 @@ def media_type(headers: CIMultiDictProxy[str]) -> str:
     """The media type ``Content-Type`` names, read as aiohttp's ``content_type`` reads it (the
     part before any ``;``, stripped, lower-cased), without parsing the parameters as it does."""
     return headers.get(CONTENT_TYPE, "").partition(";")[0].strip().lower()
+
+
+def stamp_response(request: web.Request, response: web.StreamResponse) -> None:
+    """What every response sidegate sends carries, set before its headers leave: x-request-id,
+    then the rate-limit headers per the mode the request was marked with (a 429's Retry-After).
+
+    The gateway's access log stamps each response it returns unprepared (answers and error
+    envelopes); a streamed answer is prepared inside the handler, which stamps it first.
+    """
+    add_request_id(request, response)
+    apply_ratelimit_headers(request, response)

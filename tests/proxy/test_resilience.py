@@ -209,8 +209,11 @@ async def test_rate_limit_header_modes_on_json_and_sse(
     gateway = await make_gateway(upstreams=upstreams, rate_limit_headers={"mode": mode})
     for _ in range(2):  # both keys have been seen once
         await gateway.post("/v1/chat/completions", json=CHAT)
-    response = await gateway.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+    response = await gateway.post(
+        "/v1/chat/completions", json={**CHAT, "stream": stream}, headers={"x-request-id": mode}
+    )
     await response.read()
+    assert response.headers["x-request-id"] == mode  # streamed or not, the response is stamped
     present = [name for name in RATELIMIT if name in response.headers]
     if mode == "strip":
         assert present == []
