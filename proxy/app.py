@@ -22,7 +22,7 @@ from sidegate.middlewares.store.leases import LeasedStores
 from . import handlers
 from .dialects import ENDPOINTS
 from .forward import forward_handler
-from .headers import stamp_response
+from .headers import UpstreamRequest, stamp_response
 from .observability import Metrics
 from .reload import activate, watch_config_file
 from .routing import PASSTHROUGH
@@ -143,7 +143,10 @@ def _lifecycle(
         # No cookie jar: one session serves every caller, so a cookie an upstream sets must not
         # ride along on the next caller's request (it still reaches the client it was sent to).
         state._session = aiohttp.ClientSession(
-            connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+            connector=connector,
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            request_class=UpstreamRequest,  # the client's User-Agent or none, never aiohttp's
         )
         watcher: asyncio.Task[None] | None = None
         try:

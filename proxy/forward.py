@@ -13,7 +13,7 @@ import time
 
 import aiohttp
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import web
 from prometheus_client import Gauge
 
 from sidegate.middlewares.contract import CALL_KEY, Call, Vendor
@@ -29,7 +29,6 @@ __all__ = ["forward_handler"]
 log = structlog.get_logger(__name__)
 
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_NO_USER_AGENT = (hdrs.USER_AGENT,)
 
 
 async def forward_handler(request: web.Request) -> web.StreamResponse:
@@ -60,8 +59,6 @@ async def forward_handler(request: web.Request) -> web.StreamResponse:
             headers=headers,
             timeout=target.timeout,
             allow_redirects=False,
-            # The client's User-Agent passes through; none is made up for a client without one.
-            skip_auto_headers=None if hdrs.USER_AGENT in headers else _NO_USER_AGENT,
             middlewares=active.client_chain,
         )
     except SidegateError as exc:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from aiohttp import web
+from aiohttp import ClientRequest, web
 from aiohttp.hdrs import CONNECTION, CONTENT_TYPE, X_FORWARDED_FOR
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from sidegate.middlewares.access_log import add_request_id
 from sidegate.middlewares.ratelimit_headers import apply_ratelimit_headers
 
-__all__ = ["downstream_headers", "media_type", "stamp_response", "upstream_headers"]
+__all__ = [
+    "UpstreamRequest",
+    "downstream_headers",
+    "media_type",
+    "stamp_response",
+    "upstream_headers",
+]
 
 HOP_BY_HOP = frozenset(
     {
@@ -118,3 +124,22 @@ def stamp_response(request: web.Request, response: web.StreamResponse) -> None:
     """
     add_request_id(request, response)
     apply_ratelimit_headers(request, response)
+
+
+class UpstreamRequest(ClientRequest):
+    """aiohttp's client request (the upstream session's ``request_class``), less the
+    ``User-Agent`` aiohttp makes up: the client's own passes through, and none is invented for a
+    client without one. Its other automatic headers (``Accept``, ``Accept-Encoding``) stay.
+
+    ``skip_auto_headers=("User-Agent",)`` on each request would do the same, at the cost of a
+    copy of every header and a set built per request.
+    """
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        if skip_auto_headers:
+            super().update_auto_headers(skip_auto_headers)
+            return
+        headers = self.headers
+        for name, value in self.DEFAULT_HEADERS.items():
+            if name not in headers:
+                headers[name] = value
