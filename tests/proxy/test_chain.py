@@ -8,20 +8,23 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import yaml
-from aiohttp import ClientResponse, web
+from aiohttp import ClientRequest, ClientResponse, web
+from aiohttp.client_middlewares import ClientHandlerType, ClientMiddlewareType
 from aiohttp.test_utils import TestClient
 
 from sidegate.proxy import create_app, reload_config
 from sidegate.proxy.mock import Fault
-from sidegate.proxy.state import STATE_KEY
+from sidegate.proxy.state import STATE_KEY, compose_client
 from tests.conftest import (
     ADMIN_KEY,
     DEMO,
     SEARCH,
     AiohttpClient,
+    AiohttpServer,
     GatewayFactory,
     Upstream,
     base_config,
@@ -214,3 +217,47 @@ async def test_a_remembered_path_lets_no_unsafe_one_through(
     ]:
         assert await _raw_status(gateway, target) == status, target
     assert [r.path for r in meridian.state.received] == ["/v1/models", "/v1/models"]
+
+
+async def test_composed_client_middlewares_run_as_aiohttp_runs_them_apart(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    seen: list[str | None] = []
+
+    async def ok(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("X-Inner"))
+        return web.Response(text="ok")
+
+    upstream = web.Application()
+    upstream.router.add_get("/", ok)
+    server = await aiohttp_server(upstream)
+    trail: list[str] = []
+
+    async def outer(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        trail.append("outer")
+        (await handler(request)).release()
+        trail.append("again")  # the outer one sees every attempt of the inner ones
+        return await handler(request)
+
+    def inner(name: str) -> ClientMiddlewareType:
+        async def middleware(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+            trail.append(name)
+            request.headers["X-Inner"] = f"{name}{len(trail)}"
+            return await handler(request)
+
+        return middleware
+
+    chain = (outer, inner("a"), inner("b"))
+    assert compose_client(chain[:1]) == chain[:1]
+    assert len(compose_client(chain)) == 1
+    runs = []
+    for middlewares in (chain, compose_client(chain)):
+        trail.clear()
+        seen.clear()
+        async with (
+            aiohttp.ClientSession(middlewares=middlewares) as session,
+            session.get(server.make_url("/")) as response,
+        ):
+            assert await response.text() == "ok"
+        runs.append((list(trail), list(seen)))
+    assert runs[0] == runs[1] == (["outer", "a", "b", "again", "a", "b"], ["b3", "b6"])

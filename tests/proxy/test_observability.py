@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import orjson
+import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from structlog.testing import capture_logs
 
 from sidegate.middlewares import access_log
+from sidegate.middlewares.errors import BadRequest
 from sidegate.proxy.logs import configure_logging
 from sidegate.proxy.mock import Fault
 from sidegate.proxy.observability import LATENCY_BUCKETS, Metrics
@@ -168,6 +170,28 @@ async def test_lines_logged_during_a_request_carry_its_id(
         ("inside", "rid-8"),
         ("request", "rid-8"),
     ]
+
+
+@pytest.mark.parametrize("envelope", [False, True])
+async def test_the_access_log_answers_errors_with_the_envelope_only_when_asked(
+    aiohttp_client: Any, envelope: bool
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        raise BadRequest("Not like that.")
+
+    app = web.Application(middlewares=[access_log.access_log_middleware(envelope_errors=envelope)])
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    with capture_logs() as logs:
+        response = await client.get("/")
+        body = await response.read()
+    (line,) = [entry for entry in logs if entry["event"] == "request"]
+    if envelope:  # as error_middleware inside it would answer, and logged with that status
+        assert (response.status, line["status"]) == (400, 400)
+        assert orjson.loads(body)["error"]["message"] == "Not like that."
+    else:  # the error goes on up: aiohttp's own 500
+        assert (response.status, line["status"]) == (500, 500)
+        assert b"Not like that." not in body
 
 
 def test_the_metrics_read_as_prometheus_client_would_write_them() -> None:
