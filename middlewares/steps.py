@@ -4,11 +4,11 @@ A policy such as auth, routing or the rate-limit headers' mark does its work bef
 and nothing after it: it is a *step*, a function of the request that returns ``None`` or, when it
 has to wait (reading a body, verifying a JWT), an awaitable. :class:`StepMiddleware` is a step as
 an ordinary aiohttp middleware, for an app of one's own. :func:`compose` builds sidegate's chain:
-consecutive steps run one after the other inside a single coroutine instead of one coroutine each
-wrapping the rest of the chain, so a request's stack is shallower for as long as it waits on the
-upstream (every resumption passes through each frame on it) and each step costs a call, not a
-coroutine. What a request sees is the same: the steps run in order, an error raised by one stops
-the chain there.
+consecutive steps run one after the other in their caller's frame (in one coroutine from the
+first that has to wait) instead of one coroutine each wrapping the rest of the chain, so a
+request's stack is shallower for as long as it waits on the upstream (every resumption passes
+through each frame on it) and each step costs a call, not a coroutine. What a request sees is
+the same: the steps run in order, an error raised by one stops the chain there.
 """
 
 from __future__ import annotations
@@ -41,7 +41,12 @@ class StepMiddleware:
 
 
 def compose(policies: Sequence[Middleware], handler: Handler) -> Handler:
-    """``policies`` (outermost first) around ``handler``; runs of steps share one coroutine."""
+    """``policies`` (outermost first) around ``handler``; runs of steps share one frame.
+
+    The handler returned is a plain function returning an awaitable where the chain starts with
+    steps: a step's error is raised when it is called, so await it where it is called
+    (``await handler(request)``, as middlewares do).
+    """
     chain = handler
     steps: list[Step] = []
     for policy in reversed(policies):
@@ -54,16 +59,32 @@ def compose(policies: Sequence[Middleware], handler: Handler) -> Handler:
 
 
 def _after(reversed_steps: list[Step], handler: Handler) -> Handler:
-    """``handler`` after the steps (given innermost first), in one coroutine."""
+    """``handler`` after the steps (given innermost first).
+
+    While every step finishes at once, nothing waits: the steps run in the caller's frame and
+    the handler's own coroutine is what it awaits, so the run adds no frame to the request's
+    stack. From the first step that has to wait, the rest runs in one coroutine.
+    """
     if not reversed_steps:
         return handler
     steps = tuple(reversed(reversed_steps))
 
-    async def run(request: web.Request) -> web.StreamResponse:
-        for step in steps:
+    def run(request: web.Request) -> Awaitable[web.StreamResponse]:
+        for index, step in enumerate(steps):
             pending = step(request)
             if pending is not None:
-                await pending
-        return await handler(request)
+                return _resume(pending, steps[index + 1 :], handler, request)
+        return handler(request)
 
     return run
+
+
+async def _resume(
+    pending: Awaitable[None], steps: tuple[Step, ...], handler: Handler, request: web.Request
+) -> web.StreamResponse:
+    await pending
+    for step in steps:
+        waiting = step(request)
+        if waiting is not None:
+            await waiting
+    return await handler(request)

@@ -21,6 +21,7 @@ from sidegate.middlewares.contract import (
     REQUEST_ID_KEY,
     Call,
     EndpointKind,
+    Principal,
     Route,
     Vendor,
     parse_object,
@@ -35,7 +36,7 @@ from sidegate.middlewares.errors import (
 from sidegate.middlewares.ids import random_hex
 from sidegate.middlewares.steps import StepMiddleware
 
-from .body import form_field_span, json_string_span, read_body, splice
+from .body import body_received, form_field_span, json_string_span, read_body, splice
 from .dialects import MODEL_FIELD, Endpoint
 from .headers import media_type
 from .paths import normalise_path
@@ -60,7 +61,8 @@ def route_middleware(
     upstream), 413 (body over ``max_body_bytes``), 415 (content type). So is what the caller may
     not do: a model outside its allowlist (403 ``model_not_allowed``), ``/upstreams/...``
     without the admin role (403 ``admin_required``), no Principal at all (401). A step
-    (:mod:`sidegate.middlewares.steps`): all of it happens before the handler.
+    (:mod:`sidegate.middlewares.steps`): all of it happens before the handler, and without a
+    coroutine when the body has all arrived with the request (the usual JSON request).
     """
 
     safe_paths: dict[str, str] = {}  # raw paths seen to pass normalise_path, and the result
@@ -70,9 +72,6 @@ def route_middleware(
         endpoint = endpoints.get(request.match_info.route)
         if endpoint is None:
             return None
-        return _route(request, endpoint)
-
-    async def _route(request: web.Request, endpoint: Endpoint) -> None:
         raw_path = request.raw_path
         path = safe_paths.get(raw_path)
         if path is None:
@@ -90,19 +89,48 @@ def route_middleware(
         if endpoint is PASSTHROUGH:
             if ADMIN_ROLE not in principal.roles:
                 raise Forbidden("/upstreams/... needs the admin role.", code="admin_required")
-            call = await _passthrough(request, runtime, path, request_id, max_body_bytes)
-        else:
-            content_type = _content_type(request, endpoint)
-            body = await read_body(request, max_body_bytes)
-            call = _routed(runtime, endpoint, request_id, body, content_type, routes)
-            route = call.route
-            assert route.public_model is not None
-            if not principal.may_use(route.public_model, route.upstream_model):
-                raise Forbidden(
-                    f"This caller may not use {route.public_model!r}.",
-                    param=MODEL_FIELD[route.vendor],
-                    code="model_not_allowed",
-                )
+            return _route_passthrough(request, path, principal, request_id)
+        content_type = _content_type(request, endpoint)
+        body = body_received(request, max_body_bytes)
+        if body is None:  # still arriving: wait for it in a coroutine
+            return _route_later(request, endpoint, principal, request_id, content_type)
+        _route(request, endpoint, principal, request_id, content_type, body)
+        return None
+
+    async def _route_passthrough(
+        request: web.Request, path: str, principal: Principal, request_id: str
+    ) -> None:
+        call = await _passthrough(request, runtime, path, request_id, max_body_bytes)
+        call.principal = principal
+        request[CALL_KEY] = call
+
+    async def _route_later(
+        request: web.Request,
+        endpoint: Endpoint,
+        principal: Principal,
+        request_id: str,
+        content_type: str,
+    ) -> None:
+        body = await read_body(request, max_body_bytes)
+        _route(request, endpoint, principal, request_id, content_type, body)
+
+    def _route(
+        request: web.Request,
+        endpoint: Endpoint,
+        principal: Principal,
+        request_id: str,
+        content_type: str,
+        body: bytes,
+    ) -> None:
+        call = _routed(runtime, endpoint, request_id, body, content_type, routes)
+        route = call.route
+        assert route.public_model is not None
+        if not principal.may_use(route.public_model, route.upstream_model):
+            raise Forbidden(
+                f"This caller may not use {route.public_model!r}.",
+                param=MODEL_FIELD[route.vendor],
+                code="model_not_allowed",
+            )
         call.principal = principal
         request[CALL_KEY] = call
 

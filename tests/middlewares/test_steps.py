@@ -4,7 +4,6 @@ as ordinary middlewares on an app of one's own."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import Awaitable
 
 import pytest
@@ -78,14 +77,37 @@ async def test_composed_steps_run_in_order_as_the_same_middlewares_would(
     assert answers == ["auth,routing,limits>,mark,handler"] * 2
 
 
-def test_runs_of_steps_share_one_coroutine_and_other_middlewares_keep_theirs() -> None:
-    composed = compose(_policies(), _handler)
-    # Outermost: the run of auth and routing, one coroutine function around the rest.
-    assert inspect.iscoroutinefunction(composed)
-    assert composed.__qualname__ == "_after.<locals>.run"
+async def test_steps_that_finish_at_once_add_no_frame_and_the_rest_share_one(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    frames: dict[str, str] = {}
+
+    def run_of(*policies: Middleware) -> Handler:
+        composed = compose(list(policies), _handler)
+
+        async def via_compose(request: web.Request) -> web.StreamResponse:
+            awaitable = composed(request)  # what the caller awaits
+            frames[request.path] = awaitable.cr_code.co_qualname  # type: ignore[attr-defined]
+            return await awaitable
+
+        return via_compose
+
+    app = web.Application(middlewares=[_start_trail])
+    # Steps that finish at once: the caller awaits the handler's own coroutine.
+    app.router.add_get("/at-once", run_of(_step("auth"), _step("mark")))
+    # A step that waits: it and the steps after it run in one coroutine.
+    app.router.add_get("/waits", run_of(_step("auth"), _step("routing", wait=True), _step("mark")))
+    # A middleware that is not a step keeps its own coroutine, inside the run.
+    app.router.add_get("/around", run_of(_step("auth"), _around("limits")))
+    client = await aiohttp_client(app)
+    texts = [await (await client.get(path)).text() for path in ("/at-once", "/waits", "/around")]
+    assert texts == ["auth,mark,handler", "auth,routing,mark,handler", "auth,limits>,handler"]
+    assert frames == {
+        "/at-once": "_handler",
+        "/waits": "_resume",
+        "/around": "_around.<locals>.around",
+    }
     assert compose([], _handler) is _handler
-    only_around = compose([_around("limits")], _handler)
-    assert only_around.func.__qualname__ == "_around.<locals>.around"  # type: ignore[attr-defined]
 
 
 async def test_a_step_that_fails_stops_the_chain_there(aiohttp_client: AiohttpClient) -> None:

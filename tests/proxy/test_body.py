@@ -10,7 +10,7 @@ from aiohttp import streams, web
 from aiohttp.test_utils import make_mocked_request
 
 from sidegate.middlewares.errors import BodyTooLarge
-from sidegate.proxy.body import read_body
+from sidegate.proxy.body import body_received, read_body
 
 
 def _request(length: int | None) -> tuple[streams.StreamReader, web.Request]:
@@ -49,3 +49,26 @@ async def test_a_body_over_the_limit_is_refused_as_it_grows_or_by_its_length() -
     _, announced = _request(101)
     with pytest.raises(BodyTooLarge):
         await read_body(announced, 100)
+
+
+async def test_a_body_that_has_all_arrived_is_taken_without_waiting() -> None:
+    reader, request = _request(9)
+    reader.feed_data(b"abc")
+    assert body_received(request, 100) is None  # more to come: read_body waits for it
+    reader.feed_data(b"defghi")
+    reader.feed_eof()
+    assert body_received(request, 100) == b"abcdefghi"
+    empty, nothing = _request(None)
+    empty.feed_eof()
+    assert body_received(nothing, 100) == b""
+
+
+async def test_a_received_body_over_the_limit_is_refused_by_its_size_or_its_length() -> None:
+    reader, request = _request(None)
+    reader.feed_data(b"x" * 101)
+    reader.feed_eof()
+    with pytest.raises(BodyTooLarge):
+        body_received(request, 100)
+    _, announced = _request(101)  # refused before anything has arrived
+    with pytest.raises(BodyTooLarge):
+        body_received(announced, 100)
