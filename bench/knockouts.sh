@@ -5,10 +5,15 @@
 #   bench/knockouts.sh ROUNDS SECONDS C bare|full PARTS [PARTS ...]
 #
 # e.g. bench/knockouts.sh 8 5 16 bare access_log ratelimit_headers retry,key_rotation
-# Each PARTS (comma-separated) is one more process; all run on CPU 0 (the mock and wrk on CPU 1),
+#      bench/knockouts.sh 8 4 16 bare tree=../before    # this checkout against another one
+# Each PARTS (comma-separated) is one more process, or, as tree=DIR, sidegate as shipped from
+# another checkout of this repository (a git worktree of an earlier commit, say) run with this
+# checkout's venv: an A/B of two commits. All run on CPU 0 (the mock and wrk on CPU 1),
 # each loaded in turn for SECONDS after a 1 s warm-up, and its utime + stime over the requests it
 # completed is its CPU per request. FLOOR_LOOP (asyncio) and SIDEGATE_LOOP (auto) choose the
-# event loops; LOGLEVEL the chain's level (bare: warning, full: info). Needs wrk.
+# event loops; LOGLEVEL the chain's level (bare: warning, full: info). The summary gives each
+# process's median and, for each one added, the median of its round-by-round difference to
+# sidegate as shipped (with the range): the figure to read on a machine that drifts. Needs wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=$1; SECONDS_=$2; C=$3; CHAIN=$4; shift 4
@@ -28,9 +33,16 @@ taskset -c 0 .venv/bin/sidegate serve "${SERVE[@]}" --port $((PORT + 1)) 2>"$WOR
 PIDS+=($!)
 for parts in "$@"; do
   port=$((PORT + ${#NAMES[@]}))
-  taskset -c 0 $PY -m bench.knockout "$parts" -- "${SERVE[@]}" --port "$port" \
-    2>"$WORK/without-$parts.log" &
-  PIDS+=($!); NAMES+=("without $parts"); PORTS+=("$port")
+  if [[ $parts == tree=* ]]; then  # the package from DIR first on the path (a script's sys.path)
+    PYTHONPATH=${parts#tree=} taskset -c 0 .venv/bin/sidegate serve "${SERVE[@]}" --port "$port" \
+      2>"$WORK/tree-${#NAMES[@]}.log" &
+    NAMES+=("${parts#tree=}")
+  else
+    taskset -c 0 $PY -m bench.knockout "$parts" -- "${SERVE[@]}" --port "$port" \
+      2>"$WORK/without-$parts.log" &
+    NAMES+=("without $parts")
+  fi
+  PIDS+=($!); PORTS+=("$port")
 done
 for port in "${PORTS[@]}"; do wait_for "$port"; done
 for round in $(seq 1 "$ROUNDS"); do
@@ -46,8 +58,16 @@ rows = {}
 for line in open(sys.argv[1]):
     _, name, us = line.rstrip("\n").split("\t")
     rows.setdefault(name, []).append(int(us))
+names = list(rows)
 floor = statistics.median(rows["floor"])
+shipped = rows[names[1]]
 for name, values in rows.items():
     median = statistics.median(values)
     print(f"median {name}: {median:.0f} µs a request, {median / floor:.2f}x the floor")
+for name in names[2:]:
+    changes = [other - ours for ours, other in zip(shipped, rows[name], strict=True)]
+    print(
+        f"change, {name} against {names[1]} round by round: median "
+        f"{statistics.median(changes):+.0f} µs ({min(changes):+d} … {max(changes):+d})"
+    )
 PYTHON
