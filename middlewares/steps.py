@@ -34,16 +34,13 @@ class StepMiddleware:
         self.step = step
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        pending = self.step(request)
-        if pending is not None:
-            await pending
-        return await handler(request)
+        return await _start((self.step,), handler, request)
 
 
 def compose(policies: Sequence[Middleware], handler: Handler) -> Handler:
     """``policies`` (outermost first) around ``handler``; runs of steps share one frame.
 
-    The handler returned is a plain function returning an awaitable where the chain starts with
+    The handler returned is a plain callable returning an awaitable where the chain starts with
     steps: a step's error is raised when it is called, so await it where it is called
     (``await handler(request)``, as middlewares do).
     """
@@ -68,23 +65,23 @@ def _after(reversed_steps: list[Step], handler: Handler) -> Handler:
     if not reversed_steps:
         return handler
     steps = tuple(reversed(reversed_steps))
+    return functools.partial(_start, steps, handler)
 
-    def run(request: web.Request) -> Awaitable[web.StreamResponse]:
-        for index, step in enumerate(steps):
-            pending = step(request)
-            if pending is not None:
-                return _resume(pending, steps[index + 1 :], handler, request)
-        return handler(request)
 
-    return run
+def _start(
+    steps: tuple[Step, ...], handler: Handler, request: web.Request
+) -> Awaitable[web.StreamResponse]:
+    """Run ``steps`` in order, then ``handler``: the handler's own awaitable while every step
+    finishes at once, else a coroutine that waits and goes on from there."""
+    for index, step in enumerate(steps):
+        pending = step(request)
+        if pending is not None:
+            return _resume(pending, steps[index + 1 :], handler, request)
+    return handler(request)
 
 
 async def _resume(
     pending: Awaitable[None], steps: tuple[Step, ...], handler: Handler, request: web.Request
 ) -> web.StreamResponse:
     await pending
-    for step in steps:
-        waiting = step(request)
-        if waiting is not None:
-            await waiting
-    return await handler(request)
+    return await _start(steps, handler, request)
