@@ -15,7 +15,14 @@ from aiohttp import web
 
 from sidegate.middlewares.errors import BadRequest, BodyTooLarge
 
-__all__ = ["body_received", "form_field_span", "json_string_span", "read_body", "splice"]
+__all__ = [
+    "body_received",
+    "form_field_span",
+    "json_string_span",
+    "read_arriving",
+    "read_body",
+    "splice",
+]
 
 # A JSON string (unrolled so long strings are matched in C) or a bracket.
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]')
@@ -24,25 +31,13 @@ _WS = b" \t\r\n"
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, or 413 as soon as it is known to exceed ``limit`` bytes."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise _too_large(limit)
-    content = request.content
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        parts.append(chunk)
-        if size == length:  # all the Content-Length promised: no read to wait for the end
-            break
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    body = body_received(request, limit)
+    return body if body is not None else await read_arriving(request, limit)
 
 
 def body_received(request: web.Request, limit: int) -> bytes | None:
     """The whole body if it has all been received (nothing left to wait for), else ``None``:
-    then :func:`read_body` reads it. 413 as :func:`read_body` gives it.
+    then :func:`read_arriving` reads it. 413 for a length announced or received over ``limit``.
 
     A JSON request's body usually arrives with its headers; read here, it costs no coroutine.
     """
@@ -56,6 +51,24 @@ def body_received(request: web.Request, limit: int) -> bytes | None:
     if len(body) > limit:
         raise _too_large(limit)
     return body
+
+
+async def read_arriving(request: web.Request, limit: int) -> bytes:
+    """The body of a request :func:`body_received` found still arriving (its announced length
+    already checked), read as it comes: 413 as soon as it grows over ``limit``, and done once it
+    has the bytes ``Content-Length`` announced, without waiting for the end."""
+    length = request.content_length
+    content = request.content
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+        if size == length:  # all the Content-Length promised: no read to wait for the end
+            break
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _too_large(limit: int) -> BodyTooLarge:

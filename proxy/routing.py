@@ -36,7 +36,14 @@ from sidegate.middlewares.errors import (
 from sidegate.middlewares.ids import random_hex
 from sidegate.middlewares.steps import StepMiddleware
 
-from .body import body_received, form_field_span, json_string_span, read_body, splice
+from .body import (
+    body_received,
+    form_field_span,
+    json_string_span,
+    read_arriving,
+    read_body,
+    splice,
+)
 from .dialects import MODEL_FIELD, Endpoint
 from .headers import media_type
 from .paths import normalise_path
@@ -111,7 +118,7 @@ def route_middleware(
         request_id: str,
         content_type: str,
     ) -> None:
-        body = await read_body(request, max_body_bytes)
+        body = await read_arriving(request, max_body_bytes)
         _route(request, endpoint, principal, request_id, content_type, body)
 
     def _route(
