@@ -18,8 +18,9 @@ Every 429 gets a ``Retry-After``: the body's ``retry-after`` field rounded up wh
 ``retry-after-ms`` or exhausted-window reset, else 1 second.
 
 A streamed response's headers leave at ``prepare()``, inside the handler, so the rewriting happens
-in an ``on_response_prepare`` handler, :func:`ratelimit_headers_on_prepare`: the middleware only
-puts its settings on the request. :func:`setup_ratelimit_headers` registers both.
+before ``prepare()`` (:func:`apply_ratelimit_headers`; :func:`ratelimit_headers_on_prepare` is
+it as an ``on_response_prepare`` handler): the middleware only puts its settings on the request.
+:func:`setup_ratelimit_headers` registers both.
 """
 
 from __future__ import annotations
@@ -147,9 +148,11 @@ def ratelimit_headers_middleware(
     ``team_limits(request)`` gives the caller's team limits (``team`` mode); ``pools(request)``
     the upstream's key pool for the fallback aggregate. Responses not yet prepared when the
     handler returns are rewritten here; streamed ones need :func:`ratelimit_headers_on_prepare`
-    in the app's ``on_response_prepare``. ``on_prepare=True`` says the app has it (as
-    :func:`setup_ratelimit_headers` and sidegate's gateway do): every response is then rewritten
-    there, once, and the middleware only marks the request (a step: :mod:`.steps`).
+    in the app's ``on_response_prepare``. ``on_prepare=True`` says every response is rewritten
+    elsewhere, once, by :func:`apply_ratelimit_headers` before its headers leave (by that handler,
+    as :func:`setup_ratelimit_headers` registers it, or as sidegate's gateway does it, where the
+    access log and the stream call it): the middleware then only marks the request (a step:
+    :mod:`.steps`).
     """
     if not callable(mode) and mode not in _MODES:
         raise ValueError(f"unknown rate-limit headers mode {mode!r}")
