@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from aiohttp import ClientRequest, web
-from aiohttp.hdrs import CONNECTION, CONTENT_TYPE, X_FORWARDED_FOR
+from aiohttp.hdrs import CONNECTION, CONTENT_TYPE, USER_AGENT, X_FORWARDED_FOR
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from sidegate.middlewares.access_log import add_request_id
@@ -136,8 +136,8 @@ class UpstreamRequest(ClientRequest):
     """
 
     def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        if skip_auto_headers:
-            super().update_auto_headers(skip_auto_headers)
+        if skip_auto_headers:  # aiohttp's own way, told to skip the User-Agent too
+            super().update_auto_headers((*skip_auto_headers, USER_AGENT))
             return
         headers = self.headers
         for name, value in self.DEFAULT_HEADERS.items():

@@ -14,7 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidegate.config.models import SidegateConfig
 from sidegate.proxy.app import create_app
-from sidegate.proxy.headers import downstream_headers, media_type
+from sidegate.proxy.headers import UpstreamRequest, downstream_headers, media_type
 from sidegate.proxy.mock import Fault
 from sidegate.proxy.state import STATE_KEY
 from tests.conftest import (
@@ -347,3 +347,25 @@ async def test_a_gateway_without_a_config_answers_503_not_ready(gateway: Client)
         assert (await gateway.get("/healthz")).status == 200  # bypasses the policies
     finally:
         state.active = active
+
+
+async def test_the_upstream_request_class_never_makes_up_a_user_agent(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    seen: list[CIMultiDictProxy[str]] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        seen.append(request.headers)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_get("/", echo)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession(request_class=UpstreamRequest) as session:
+        for skip in (None, ["Accept-Encoding"]):  # aiohttp's fast path, and its skipping one
+            async with session.get(server.make_url("/"), skip_auto_headers=skip):
+                pass
+        async with session.get(server.make_url("/"), headers={"User-Agent": "sdk/1"}):
+            pass
+    assert [h.get("User-Agent") for h in seen] == [None, None, "sdk/1"]
+    assert ["Accept-Encoding" in h for h in seen] == [True, False, True]
