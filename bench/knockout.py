@@ -4,9 +4,9 @@
 shipped (the same event loop, logging and garbage-collector settings) with the named parts taken
 out once the config is active. A part is one of:
 
-- ``access_log``: the app middleware that assigns the request id, logs (and counts) a line and
-  stamps responses with x-request-id and the rate-limit headers (replaced by the error
-  middleware, which it also is: errors keep their envelope);
+- ``access_log``: what every route's handler is bound in, which assigns the request id, logs
+  (and counts) a line and stamps responses with x-request-id and the rate-limit headers
+  (replaced by the error middleware, which it also is: errors keep their envelope);
 - a policy of the config's chain: ``auth``, ``routing``, ``embeddings_cache``, ``limits``,
   ``ratelimit_headers``;
 - an upstream client middleware: ``retry``, ``key_rotation``.
@@ -22,29 +22,35 @@ CPU, which for sidegate's code runs well above what its instruction count sugges
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from sidegate.middlewares.errors import error_middleware
+from sidegate.middlewares.access_log import AccessLogMiddleware
+from sidegate.middlewares.errors import response_for
 from sidegate.proxy import app as gateway
 from sidegate.proxy import cli
 from sidegate.proxy.state import STATE_KEY
 
-__all__ = ["APP_PARTS", "knock_out", "main"]
+__all__ = ["APP_PARTS", "create_knocked_out", "main"]
 
 APP_PARTS = ("access_log",)
-_ACCESS_LOG = "access_log_middleware.<locals>.access_log"
 _NEEDED = frozenset({"auth", "routing"})
 
 
-def knock_out(app: web.Application, parts: Collection[str]) -> None:
-    """Take ``parts`` out of the gateway ``app`` (made by ``create_app``, not started yet)."""
-    if "access_log" in parts:  # the errors' envelope stays: what the access log also does
-        index = next(i for i, m in enumerate(app.middlewares) if m.__qualname__ == _ACCESS_LOG)
-        app.middlewares[index] = error_middleware
+def create_knocked_out(parts: Collection[str], *args: Any, **kwargs: Any) -> web.Application:
+    """``create_app(*args, **kwargs)`` with ``parts`` taken out."""
+    made = gateway.access_log_middleware
+    if "access_log" in parts:  # the errors' envelope stays: what the access log also is
+        gateway.access_log_middleware = _errors_only
+    try:
+        app = gateway.create_app(*args, **kwargs)
+    finally:
+        gateway.access_log_middleware = made
     chain_parts = set(parts) - set(APP_PARTS)
 
     async def drop(app: web.Application) -> None:  # runs once the config is active
@@ -68,6 +74,26 @@ def knock_out(app: web.Application, parts: Collection[str]) -> None:
 
     if chain_parts:
         app.on_startup.append(drop)
+    return app
+
+
+def _errors_only(**_: object) -> AccessLogMiddleware:
+    """The access log knocked out: what is left of it is the error middleware."""
+
+    async def errors(
+        request: web.Request, handler: Handler, endpoint: str | None = None
+    ) -> web.StreamResponse:
+        # error_middleware's body: a coroutine function (aiohttp wraps any other handler), and
+        # no frame more than the access log's own
+        try:
+            return await handler(request)
+        except Exception as exc:
+            response = response_for(request, exc)
+            if response is None:
+                raise
+            return response
+
+    return errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,14 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if parts & _NEEDED:
         print(f"knockout: {', '.join(sorted(parts & _NEEDED))} cannot go", file=sys.stderr)
         return 2
-    create_app: Callable[..., web.Application] = gateway.create_app
-
-    def knocked(*a: Any, **kw: Any) -> web.Application:
-        app = create_app(*a, **kw)
-        knock_out(app, parts)
-        return app
-
-    cli.create_app = knocked  # serve as shipped, with the parts taken out
+    cli.create_app = functools.partial(create_knocked_out, parts)  # as shipped, less the parts
     return cli.main(["serve", *args[2:]])
 
 

@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from .contract import CALL_KEY, REQUEST_ID_KEY, Call
 from .errors import response_for
 from .ids import random_hex
 
-__all__ = ["RequestObserver", "access_log_middleware", "add_request_id", "stamp_request_id"]
+__all__ = [
+    "AccessLogMiddleware",
+    "RequestObserver",
+    "access_log_middleware",
+    "add_request_id",
+    "stamp_request_id",
+]
 
 log = structlog.get_logger("sidegate.access")
 
@@ -31,6 +37,15 @@ class RequestObserver(Protocol):
     """Told of every answered request (metrics)."""
 
     def record(self, endpoint: str, status: int, latency_s: float) -> None: ...
+
+
+class AccessLogMiddleware(Protocol):
+    """An aiohttp middleware that can also be told the endpoint a request is counted under
+    (bound with the handler, as the gateway binds it to each route: see ``endpoint`` below)."""
+
+    def __call__(
+        self, request: web.Request, handler: Handler, endpoint: str | None = None
+    ) -> Awaitable[web.StreamResponse]: ...
 
 
 def _client_request_id(value: str | None) -> str | None:
@@ -44,7 +59,7 @@ def access_log_middleware(
     observer: RequestObserver | None = None,
     envelope_errors: bool = False,
     stamp: Callable[[web.Request, web.StreamResponse], None] | None = None,
-) -> Middleware:
+) -> AccessLogMiddleware:
     """Assign the request id, and log one line (and tell ``observer``) when the request ends.
 
     The line holds: request id, method, path, status, latency; and, when routing made a
@@ -57,12 +72,17 @@ def access_log_middleware(
     ``stamp(request, response)`` is called on each response it returns that is not prepared yet
     (in place of an ``on_response_prepare`` signal: a streamed response, prepared inside the
     handler, is the handler's to stamp).
+
+    ``observer`` is told the request's endpoint: ``endpoint`` when the caller binds one with the
+    handler, else the matched resource's canonical path (``unmatched`` for none).
     """
 
     bound = _bound_request_id()
 
     @web.middleware
-    async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def access_log(
+        request: web.Request, handler: Handler, endpoint: str | None = None
+    ) -> web.StreamResponse:
         request_id = _client_request_id(request.headers.get("x-request-id"))
         request[REQUEST_ID_KEY] = request_id = request_id or random_hex(12)
         started = time.perf_counter()
@@ -87,8 +107,9 @@ def access_log_middleware(
                 if _enabled(logger):
                     _log(logger, request, request_id, status, latency)
                 if observer is not None:
-                    resource = request.match_info.route.resource
-                    endpoint = resource.canonical if resource is not None else "unmatched"
+                    if endpoint is None:
+                        resource = request.match_info.route.resource
+                        endpoint = resource.canonical if resource is not None else "unmatched"
                     observer.record(endpoint, status, latency)
             finally:
                 bound.reset(token)

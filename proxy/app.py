@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
+from aiohttp.web_urldispatcher import AbstractRoute
 
 from sidegate.config import load_config
 from sidegate.config.models import MemoryStore, RedisStore, SidegateConfig, SqliteStore
-from sidegate.middlewares.access_log import access_log_middleware
+from sidegate.middlewares.access_log import AccessLogMiddleware, access_log_middleware
 from sidegate.middlewares.errors import SidegateError
 from sidegate.middlewares.store import Stores, open_stores
 from sidegate.middlewares.store.leases import LeasedStores
 
 from . import handlers
-from .dialects import ENDPOINTS
+from .dialects import ENDPOINTS, Endpoint
 from .forward import forward_handler
 from .headers import UpstreamRequest, stamp_response
 from .observability import Metrics
@@ -44,35 +46,28 @@ def create_app(config: SidegateConfig | str | os.PathLike[str]) -> web.Applicati
     loaded = load_config(path) if path is not None else config
     assert isinstance(loaded, SidegateConfig)
     metrics = Metrics()
-    app = web.Application(
-        middlewares=[
-            access_log_middleware(observer=metrics, envelope_errors=True, stamp=stamp_response)
-        ],
-        handler_args={"max_field_size": 65536},
+    app = web.Application(handler_args={"max_field_size": 65536})
+    endpoints: dict[AbstractRoute, Endpoint] = {}
+    state = GatewayState(metrics=metrics, endpoints=endpoints, config_path=path)
+    entries = _Entries(
+        state,
+        access_log_middleware(observer=metrics, envelope_errors=True, stamp=stamp_response),
     )
+    policed = entries.policed
     router = app.router
-    endpoints = {router.add_route(e.method, e.path, forward_handler): e for e in ENDPOINTS}
-    endpoints[router.add_route("*", PASSTHROUGH.path, forward_handler)] = PASSTHROUGH
-    router.add_get("/v1/models", handlers.list_models, allow_head=False)
-    router.add_get("/v1/services", handlers.list_services, allow_head=False)
-    router.add_get("/v1/usage", handlers.local_usage, allow_head=False)
-    router.add_get("/admin/budgets", handlers.admin_budgets, allow_head=False)
-    open_resources = frozenset(
-        {
-            router.add_get("/healthz", handlers.healthz).resource,
-            router.add_get("/readyz", handlers.readyz).resource,
-        }
-    )
-    state = GatewayState(
-        metrics=metrics,
-        endpoints=endpoints,
-        open_resources=open_resources,
-        metrics_resource=router.add_get("/metrics", handlers.metrics).resource,
-        config_path=path,
-    )
+    for e in ENDPOINTS:
+        endpoints[router.add_route(e.method, e.path, policed(forward_handler))] = e
+    endpoints[router.add_route("*", PASSTHROUGH.path, policed(forward_handler))] = PASSTHROUGH
+    router.add_get("/v1/models", policed(handlers.list_models), allow_head=False)
+    router.add_get("/v1/services", policed(handlers.list_services), allow_head=False)
+    router.add_get("/v1/usage", policed(handlers.local_usage), allow_head=False)
+    router.add_get("/admin/budgets", policed(handlers.admin_budgets), allow_head=False)
+    router.add_get("/healthz", entries.open(handlers.healthz))
+    router.add_get("/readyz", entries.open(handlers.readyz))
+    router.add_get("/metrics", policed(handlers.metrics, metrics=True))
+    entries.refuse_the_rest(router)
     metrics.watch_keys(state.key_pools)
     app[STATE_KEY] = state
-    app.middlewares.append(_dispatch(state))
     app.cleanup_ctx.append(_lifecycle(loaded))
     return app
 
@@ -95,29 +90,66 @@ def held_secrets(app: web.Application) -> frozenset[str]:
     return active.runtime.secrets if active is not None else frozenset()
 
 
-def _dispatch(state: GatewayState) -> Middleware:
-    """Run the current runtime's policy chain.
+class _Entries:
+    """The handlers aiohttp calls: the access log (answering errors with the envelope) bound
+    around what each route runs, so the app has no middleware at all.
 
-    Health, router errors (404/405) and an open ``/metrics`` bypass it: they need no caller.
-    The middleware only chooses what runs, so it returns that awaitable rather than awaiting it
-    in a coroutine of its own: one frame fewer on every request's stack.
+    An app middleware costs every request aiohttp's middleware machinery: the chain looked up in
+    a cache, a ``partial`` called per middleware, and the coroutine aiohttp adds to set
+    ``match_info.current_app``. Bound at registration, the access log is the handler itself.
+    Then the router's own refusals (404, 405), which only a middleware could answer, are routes
+    too (:meth:`refuse_the_rest`), answered in the envelope and logged as ``unmatched``, as before.
     """
 
-    @web.middleware
-    def dispatch(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
-        match = request.match_info
-        resource = match.route.resource
-        if match.http_exception is not None or resource in state.open_resources:
-            return handler(request)
-        active = state.active
-        if active is None:
-            raise SidegateError("sidegate is not ready.", status=503, code="not_ready")
-        if resource is state.metrics_resource and active.runtime.config.auth.metrics_role is None:
-            return handler(request)
-        request[ACTIVE_KEY] = active
-        return active.chain(handler)(request)
+    def __init__(self, state: GatewayState, logged: AccessLogMiddleware) -> None:
+        self._state = state
+        self._logged = logged
 
-    return dispatch
+    def policed(self, handler: Handler, *, metrics: bool = False) -> Handler:
+        """``handler`` behind the current runtime's policy chain (auth first); with ``metrics``,
+        the chain only when ``auth.metrics_role`` asks for a caller. 503 before a config is
+        active."""
+        state = self._state
+
+        def dispatch(request: web.Request) -> Awaitable[web.StreamResponse]:
+            # Not a coroutine: it returns the chain's awaitable, one frame fewer on the stack.
+            active = state.active
+            if active is None:
+                raise SidegateError("sidegate is not ready.", status=503, code="not_ready")
+            if metrics and active.runtime.config.auth.metrics_role is None:
+                return handler(request)
+            request[ACTIVE_KEY] = active
+            return active.chain(handler)(request)
+
+        return functools.partial(self._logged, handler=dispatch)
+
+    def open(self, handler: Handler, *, endpoint: str | None = None) -> Handler:
+        """``handler`` for anyone (health): logged, no policy."""
+        return functools.partial(self._logged, handler=handler, endpoint=endpoint)
+
+    def refuse_the_rest(self, router: web.UrlDispatcher) -> None:
+        """Call last. A method a resource does not take: 405 with ``Allow``; a path no resource
+        takes: 404 (a catch-all resource, so it must come after every other)."""
+        for resource in list(router.resources()):
+            if not isinstance(resource, web.Resource):
+                continue
+            methods = {route.method for route in resource}
+            if hdrs.METH_ANY not in methods:
+                refuse = functools.partial(_not_allowed, allowed=frozenset(methods))
+                resource.add_route(hdrs.METH_ANY, self.open(refuse, endpoint=_UNMATCHED))
+        router.add_route(hdrs.METH_ANY, "/{tail:.*}", self.open(_not_found, endpoint=_UNMATCHED))
+
+
+_UNMATCHED = "unmatched"
+"""The endpoint a refusal is counted under in the metrics (no route took the request)."""
+
+
+async def _not_allowed(request: web.Request, *, allowed: frozenset[str]) -> web.StreamResponse:
+    raise web.HTTPMethodNotAllowed(request.method, allowed)
+
+
+async def _not_found(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPNotFound()
 
 
 async def open_store(store: MemoryStore | SqliteStore | RedisStore) -> Stores:

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.client_middlewares import ClientHandlerType, ClientMiddlewareType
 from aiohttp.client_reqrep import ClientRequest, ClientResponse
 from aiohttp.typedefs import Handler, Middleware
-from aiohttp.web_urldispatcher import AbstractResource, AbstractRoute
+from aiohttp.web_urldispatcher import AbstractRoute
 
 from sidegate.config.auth import JwtConfig
 
@@ -101,8 +101,6 @@ class GatewayState:
 
     metrics: Metrics
     endpoints: Mapping[AbstractRoute, Endpoint]
-    open_resources: frozenset[AbstractResource | None]
-    metrics_resource: AbstractResource | None
     config_path: Path | None = None
     active: Active | None = None
     mock_urls: dict[str, str] = field(default_factory=dict)

@@ -24,7 +24,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from bench import procstat, sse_client
 from bench.cli import select
-from bench.knockout import knock_out
+from bench.knockout import create_knocked_out
 from bench.knockout import main as knockout_main
 from bench.load import LoadResult, parse_wrk_output, render_lua
 from bench.passthrough import make_app
@@ -46,7 +46,6 @@ from bench.workloads import (
     WORKLOADS,
 )
 from sidegate.config import load_config
-from sidegate.proxy.app import create_app
 from sidegate.proxy.state import STATE_KEY
 from tests.conftest import AiohttpServer
 
@@ -508,8 +507,7 @@ async def test_a_knock_out_takes_its_parts_out_and_the_rest_still_answers(
     twice = [("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
 
     async def answers(parts: set[str]) -> tuple[bool, int, tuple[str, ...]]:
-        app = create_app(TEMPLATES / "bare.yaml")
-        knock_out(app, parts)
+        app = create_knocked_out(parts, TEMPLATES / "bare.yaml")
         server = await aiohttp_server(app)
         url = str(server.make_url("/v1/chat/completions"))
         status, headers, body = await _post(url, CHAT_BODY)

@@ -37,10 +37,15 @@ CHAT = {"model": "meridian-1", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def _routes(app: web.Application) -> list[tuple[str, str]]:
-    """Every (method, concrete path) the app serves, from its router."""
+    """Every (method, concrete path) the app serves, from its router; not the refusals: the
+    catch-all 404 resource, and a resource's ``*`` route beside its own methods (405)."""
     walked = []
     for route in app.router.routes():
-        info = route.resource.get_info() if route.resource is not None else {}
+        resource = route.resource
+        assert resource is not None
+        if resource.canonical == "/{tail}" or (route.method == "*" and len(resource) > 1):
+            continue
+        info = resource.get_info()
         path = info.get("path") or info.get("formatter", "")
         path = path.replace("{name}", "meridian").replace("{tail}", "models")
         methods = ["GET", "POST", "PUT", "DELETE"] if route.method == "*" else [route.method]

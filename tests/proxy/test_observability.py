@@ -77,6 +77,41 @@ async def test_metrics_count_requests_upstream_statuses_and_latency(
     assert "sidegate_streams_in_flight 0.0" in text
 
 
+async def test_refusals_are_answered_logged_and_counted_without_any_app_middleware(
+    gateway: Client,
+) -> None:
+    """The router's 404 and 405 are routes of sidegate's own (the app has no middleware for
+    them to pass through): envelope, Allow, request id, one access line, counted as
+    ``unmatched`` and never under the endpoint a 405 was aimed at."""
+    assert not gateway.app.middlewares
+    with capture_logs() as logs:
+        missing = await gateway.get("/v1/nowhere", headers={"x-request-id": "rid-404"})
+        wrong = await gateway.get("/v1/chat/completions")
+        head = await gateway.put("/healthz")
+        deep = await gateway.post("/v1/chat/completions/extra", json=CHAT)
+    assert [r.status for r in (missing, wrong, head, deep)] == [404, 405, 405, 404]
+    assert [(await r.json())["error"]["code"] for r in (missing, wrong, head, deep)] == [
+        "not_found",
+        "method_not_allowed",
+        "method_not_allowed",
+        "not_found",
+    ]
+    assert (wrong.headers["Allow"], head.headers["Allow"]) == ("POST", "GET,HEAD")
+    assert missing.headers["x-request-id"] == "rid-404"
+    lines = [entry for entry in logs if entry["event"] == "request"]
+    assert [(line["path"], line["status"]) for line in lines] == [
+        ("/v1/nowhere", 404),
+        ("/v1/chat/completions", 405),
+        ("/healthz", 405),
+        ("/v1/chat/completions/extra", 404),
+    ]
+    text = await (await gateway.get("/metrics")).text()
+    assert 'sidegate_requests_total{endpoint="unmatched",status="404"} 2.0' in text
+    assert 'sidegate_requests_total{endpoint="unmatched",status="405"} 2.0' in text
+    assert 'endpoint="/v1/chat/completions"' not in text
+    assert 'endpoint="/healthz"' not in text
+
+
 async def test_health_and_readiness(gateway: Client) -> None:
     health = await gateway.get("/healthz")
     assert (health.status, await health.json()) == (200, {"status": "ok"})
