@@ -33,7 +33,7 @@ from aiohttp.typedefs import Handler
 from sidegate.middlewares.access_log import AccessLogMiddleware
 from sidegate.middlewares.errors import response_for
 from sidegate.proxy import app as gateway
-from sidegate.proxy import cli
+from sidegate.proxy import cli, reload
 from sidegate.proxy.state import STATE_KEY
 
 __all__ = ["APP_PARTS", "create_knocked_out", "main"]
@@ -58,16 +58,18 @@ def create_knocked_out(parts: Collection[str], *args: Any, **kwargs: Any) -> web
         active = state.active
         assert active is not None
         policies = dict(zip(active.names, active.policies, strict=False))
-        clients = dict(zip(active.names[len(policies) :], active.client_middlewares, strict=True))
-        missing = chain_parts - policies.keys() - clients.keys()
+        clients = active.names[len(policies) :]
+        missing = chain_parts - policies.keys() - set(clients)
         if missing:
             raise RuntimeError(f"this config's chain has no {', '.join(sorted(missing))}")
         kept = {name: p for name, p in policies.items() if name not in chain_parts}
-        kept_clients = {name: c for name, c in clients.items() if name not in chain_parts}
+        kept_clients, client_middlewares = reload.client_middlewares(
+            active.runtime.config, state, leave_out=chain_parts
+        )
         state.active = dataclasses.replace(
             active,
             policies=tuple(kept.values()),
-            client_middlewares=tuple(kept_clients.values()),
+            client_middlewares=client_middlewares,
             names=(*kept, *kept_clients),
             _chains={},
         )

@@ -8,7 +8,8 @@ types are re-exported here.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 from aiohttp.client_middlewares import ClientMiddlewareType
@@ -39,6 +40,8 @@ __all__ = [
     "PoolKey",
     "PoolSpec",
     "key_rotation_middleware",
+    "learn",
+    "take_key",
 ]
 
 
@@ -105,25 +108,49 @@ def key_rotation_middleware(
             outbound = Outbound()
             token = OUTBOUND.set(outbound)
         try:
-            outbound.other_key_ready = False
-            key = pool.acquire(outbound.pinned_key)
-            if "Idempotency-Key" in request.headers:
-                outbound.pinned_key = key
-            header, value = key.auth
-            request.headers[header] = value
-            outbound.key_id = key.id
-            outbound.key_ids.append(key.id)
+            key = take_key(pool, request, outbound)
             response = await handler(request)
-            status = response.status
-            hint = None
-            if status == 429:
-                hint = await response_retry_hint(response, pool.clock())
-            pool.observe(key, status, response.headers, hint)
-            if status == 429:
-                outbound.other_key_ready = outbound.pinned_key is None and pool.has_available()
+            learning = learn(pool, key, response, outbound)
+            if learning is not None:
+                await learning
             return response
         finally:
             if token is not None:
                 OUTBOUND.reset(token)
 
     return key_rotation
+
+
+def take_key(pool: KeyPool, request: ClientRequest, outbound: Outbound) -> PoolKey:
+    """Before an attempt: the key it goes with, set on ``request`` and noted on ``outbound``
+    (a request carrying an ``Idempotency-Key`` keeps its first key). Raises
+    :class:`KeysCoolingDown` or :class:`NoUsableKey` when no key is usable."""
+    outbound.other_key_ready = False
+    key = pool.acquire(outbound.pinned_key)
+    if "Idempotency-Key" in request.headers:
+        outbound.pinned_key = key
+    header, value = key.auth
+    request.headers[header] = value
+    outbound.key_id = key.id
+    outbound.key_ids.append(key.id)
+    return key
+
+
+def learn(
+    pool: KeyPool, key: PoolKey, response: ClientResponse, outbound: Outbound
+) -> Coroutine[Any, Any, None] | None:
+    """After an attempt's answer: what ``pool`` learns from it (readings; 429 cools ``key``
+    down, 401/403 quarantine it). Done at once, except after a 429, whose retry hint may need
+    the body read: then the coroutine to await."""
+    if response.status == 429:
+        return _cool_down(pool, key, response, outbound)
+    pool.observe(key, response.status, response.headers)
+    return None
+
+
+async def _cool_down(
+    pool: KeyPool, key: PoolKey, response: ClientResponse, outbound: Outbound
+) -> None:
+    hint = await response_retry_hint(response, pool.clock())
+    pool.observe(key, 429, response.headers, hint)
+    outbound.other_key_ready = outbound.pinned_key is None and pool.has_available()

@@ -33,7 +33,8 @@ from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 from aiohttp.client_middlewares import ClientMiddlewareType
 
 from .errors import BadRequest
-from .keypool import KeysCoolingDown
+from .keypool import KeyPool, KeysCoolingDown
+from .keys import learn, take_key
 from .outbound import OUTBOUND, Outbound
 from .ratelimits import response_retry_hint
 
@@ -209,6 +210,7 @@ def retry_middleware(
     wall_clock: Callable[[], float] = time.time,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     rng: Callable[[], float] = random.random,
+    keys: Callable[[ClientRequest], KeyPool | None] | None = None,
 ) -> ClientMiddlewareType:
     """A client middleware that retries as the module docstring says.
 
@@ -223,6 +225,12 @@ def retry_middleware(
     recorded on the current :class:`~sidegate.middlewares.outbound.Outbound`. ``clock`` measures
     the deadline, ``wall_clock`` reads HTTP-dates and unix resets, ``sleep`` waits, ``rng`` draws
     the jitter.
+
+    ``keys`` makes it rotate upstream keys as well: each attempt goes with a key of
+    ``keys(request)``'s pool, exactly as :func:`~sidegate.middlewares.keys.key_rotation_middleware`
+    with the same ``resolve`` just inside it would send it (:func:`~.keys.take_key` before the
+    attempt, :func:`~.keys.learn` after its answer), in this middleware's coroutine. The gateway
+    runs the two so: a coroutine fewer on the stack of every upstream exchange.
     """
     _validate(settings)
     shared = RetryBudget(settings.budget_ratio, settings.budget_min) if budget is None else budget
@@ -273,12 +281,20 @@ def retry_middleware(
             final = settings.max_attempts
             if final > 1:  # only a request that may retry counts in the budget
                 ticket = shared.enter()
+            pool = keys(request) if keys is not None else None
             for attempt in range(1, final + 1):
                 response: ClientResponse | None = None
                 error: BaseException | None = None
                 hint: float | None = None
                 try:
-                    response = await handler(request)
+                    if pool is None:
+                        response = await handler(request)
+                    else:  # key rotation's part (the middleware it would be is inside)
+                        key = take_key(pool, request, outbound)
+                        response = await handler(request)
+                        learning = learn(pool, key, response, outbound)
+                        if learning is not None:
+                            await learning
                 except KeysCoolingDown as exc:
                     error, failure, hint = exc, "429", exc.retry_after
                 except (aiohttp.ClientError, TimeoutError) as exc:

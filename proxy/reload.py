@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Collection
 
 import structlog
 from aiohttp import web
@@ -88,21 +89,32 @@ def policy_middlewares(runtime: Runtime, state: GatewayState) -> dict[str, Middl
 
 
 def client_middlewares(
-    config: SidegateConfig, state: GatewayState
-) -> dict[str, ClientMiddlewareType]:
-    """The upstream session's middlewares for ``config``, by name, outermost first.
+    config: SidegateConfig, state: GatewayState, *, leave_out: Collection[str] = ()
+) -> tuple[tuple[str, ...], tuple[ClientMiddlewareType, ...]]:
+    """The upstream session's middlewares for ``config``: the parts' names and the middlewares,
+    outermost first; ``leave_out`` names parts not to run (the knock-out tool).
 
     Retry is always there (it also validates and generates Idempotency-Keys and counts attempts,
     even with ``max_attempts: 1``); key rotation only when some upstream has keys to rotate.
+    With both, retry runs key rotation's part itself (``retry_middleware(keys=...)``): one
+    middleware, one coroutine, where key rotation would send each attempt just inside it.
     """
     retry = config.retry
     budget = state.retry_budget
     if budget is None or (budget.ratio, budget.minimum) != (retry.budget_ratio, retry.budget_min):
         budget = state.retry_budget = RetryBudget(retry.budget_ratio, retry.budget_min)
-    middlewares = {"retry": retry_middleware(retry, budget=budget, observer=state.metrics)}
+    names = ["retry"]
     if any(upstream.keys for upstream in config.upstreams.values()):
-        middlewares["key_rotation"] = key_rotation_middleware(state.key_pools.resolve)
-    return middlewares
+        names.append("key_rotation")
+    names = [name for name in names if name not in leave_out]
+    rotate = state.key_pools.resolve if "key_rotation" in names else None
+    if "retry" in names:
+        middleware = retry_middleware(retry, budget=budget, observer=state.metrics, keys=rotate)
+    elif rotate is not None:
+        middleware = key_rotation_middleware(rotate)
+    else:
+        return (), ()
+    return tuple(names), (middleware,)
 
 
 async def activate(app: web.Application, config: SidegateConfig) -> None:
@@ -119,9 +131,9 @@ async def activate(app: web.Application, config: SidegateConfig) -> None:
     await _vector_cache(state, config)
     state.key_pools.rebuild(_pool_specs(config))
     policies = policy_middlewares(runtime, state)
-    client = client_middlewares(config, state)
+    client_names, client = client_middlewares(config, state)
     state.active = Active(
-        runtime, tuple(policies.values()), tuple(client.values()), state, names=(*policies, *client)
+        runtime, tuple(policies.values()), client, state, names=(*policies, *client_names)
     )
 
 

@@ -42,7 +42,8 @@ class Active:
     client_middlewares: tuple[ClientMiddlewareType, ...]
     state: GatewayState
     names: tuple[str, ...] = ()
-    """The policies then the client middlewares, outermost first (for tests and diagnostics)."""
+    """The policies then the parts the client middlewares run (retry, key rotation), outermost
+    first (for tests and diagnostics); the two parts run in one middleware."""
     _chains: dict[Handler, Handler] = field(default_factory=dict)
     client_chain: tuple[ClientMiddlewareType, ...] = field(init=False)
     """``client_middlewares`` as the upstream session takes them: composed into one."""

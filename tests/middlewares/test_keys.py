@@ -27,6 +27,8 @@ from sidegate.proxy.mock import Fault
 from tests.conftest import Upstream
 from tests.middlewares.test_outbound_support import CHAT, FakeClock, pool, session
 
+pytestmark = pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
+
 
 @pytest.fixture
 def clock() -> FakeClock:

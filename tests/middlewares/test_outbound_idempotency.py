@@ -5,12 +5,15 @@ from __future__ import annotations
 import uuid
 
 import aiohttp
+import pytest
 
 from sidegate.middlewares.outbound import Outbound, outbound_scope
 from sidegate.middlewares.retry import mutating_request
 from sidegate.proxy.mock import Fault
 from tests.conftest import Upstream
 from tests.middlewares.test_outbound_support import FakeClock, pool, session
+
+pytestmark = pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
 
 COMPLETE = {"service_id": "llm.general.v1", "messages": [{"role": "user", "content": "hi"}]}
 

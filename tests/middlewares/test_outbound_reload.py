@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import aiohttp
+import pytest
 
 from sidegate.config.resilience import RetryConfig
 from sidegate.middlewares.keys import KeyPools, KeySpec, PoolSpec, key_rotation_middleware
@@ -10,7 +11,10 @@ from sidegate.middlewares.outbound import Outbound, outbound_scope
 from sidegate.middlewares.retry import mutating_request, retry_middleware
 from sidegate.proxy.mock import Fault
 from tests.conftest import Upstream
+from tests.middlewares import test_outbound_support as support
 from tests.middlewares.test_outbound_support import CHAT, FakeClock
+
+pytestmark = pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
 
 COMPLETE = {"service_id": "llm.general.v1", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -29,6 +33,8 @@ class ReloadingClock(FakeClock):
 
 
 def session(clock: FakeClock, pools: KeyPools) -> aiohttp.ClientSession:
+    """Retry and key rotation over ``pools``, key rotation as the ``rotation`` fixture says."""
+    fused = support.ROTATION == "in_retry"
     retry = retry_middleware(
         RetryConfig(),
         generate_idempotency_key=mutating_request,
@@ -36,7 +42,10 @@ def session(clock: FakeClock, pools: KeyPools) -> aiohttp.ClientSession:
         wall_clock=clock,
         sleep=clock.sleep,
         rng=lambda: 0.0,
+        keys=pools.resolve if fused else None,
     )
+    if fused:
+        return aiohttp.ClientSession(middlewares=(retry,))
     return aiohttp.ClientSession(middlewares=(retry, key_rotation_middleware(pools.resolve)))
 
 

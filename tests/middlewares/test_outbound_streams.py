@@ -10,6 +10,8 @@ from sidegate.proxy.mock import Fault
 from tests.conftest import Upstream
 from tests.middlewares.test_outbound_support import CHAT, FakeClock, pool, session
 
+pytestmark = pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
+
 
 async def collect(response: aiohttp.ClientResponse, events: list[bytes]) -> None:
     async for line in response.content:

@@ -21,6 +21,8 @@ from sidegate.middlewares.outbound import (
 from sidegate.middlewares.retry import RetryBudget, RetryObserver, retry_middleware
 
 START = 1_700_000_000.0
+ROTATION = "apart"
+"""How :func:`session` runs key rotation with retry (the ``rotation`` fixture sets it)."""
 CHAT = {"model": "meridian-1", "messages": [{"role": "user", "content": "hello there"}]}
 
 
@@ -57,8 +59,11 @@ async def session(
     observer: RetryObserver | None = None,
     **settings: Any,
 ) -> AsyncIterator[aiohttp.ClientSession]:
-    """A real ClientSession with (retry, key rotation); ``rng=None`` draws real jitter."""
+    """A real ClientSession with (retry, key rotation), key rotation as :data:`ROTATION` says;
+    ``rng=None`` draws real jitter."""
     kwargs: dict[str, Any] = {} if rng is None else {"rng": lambda: rng}
+    if key_pool is not None and ROTATION == "in_retry":
+        kwargs["keys"] = lambda request: key_pool
     generate = settings.pop("generate", None)
     retry = retry_middleware(
         RetryConfig(**settings),
@@ -71,7 +76,7 @@ async def session(
         **kwargs,
     )
     middlewares: Sequence[aiohttp.ClientMiddlewareType] = (retry,)
-    if key_pool is not None:
+    if key_pool is not None and ROTATION == "apart":
         middlewares = (retry, key_rotation_middleware(lambda request: key_pool))
     async with aiohttp.ClientSession(middlewares=middlewares) as client:
         yield client

@@ -55,6 +55,10 @@ def _names(client: Client) -> tuple[str, ...]:
 async def test_the_bare_config_runs_only_the_policies_it_needs(gateway: Client) -> None:
     # No budget, rate limit or price anywhere: limits could not act on any request.
     assert _names(gateway) == BARE
+    # Retry runs key rotation's part itself: one client middleware, one coroutine, for both.
+    active = gateway.app[STATE_KEY].active
+    assert active is not None
+    assert len(active.client_middlewares) == len(active.client_chain) == 1
 
 
 @pytest.mark.parametrize(
