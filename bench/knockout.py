@@ -9,7 +9,8 @@ out once the config is active. A part is one of:
   (replaced by the error middleware, which it also is: errors keep their envelope);
 - a policy of the config's chain: ``auth``, ``routing``, ``embeddings_cache``, ``limits``,
   ``ratelimit_headers``;
-- an upstream client middleware: ``retry``, ``key_rotation``.
+- a part of the upstream client middleware: ``retry``, ``key_rotation`` (one middleware in the
+  gateway, retry running key rotation's part; either left alone runs as its own middleware).
 
 A part the config's chain does not have stops start-up (RuntimeError). What runs is not a
 usable gateway: a part knocked out no longer does its work (``routing`` and ``auth`` cannot go,
