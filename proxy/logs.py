@@ -131,9 +131,13 @@ class TurnBufferedStream:
             waiting, self._waiting = self._waiting, []
             self._size = 0
             self._on = None
-            if waiting:  # under the lock: another thread's lines cannot overtake these
+            if not waiting:
+                return
+            try:  # under the lock: another thread's lines cannot overtake these
                 self._out.write("".join(waiting))
                 self._out.flush()
+            except (OSError, ValueError):  # the output is gone (closed, a broken pipe): so are
+                pass  # the lines; raising here would only log the failure to the same output
 
 
 _open_streams: weakref.WeakSet[TurnBufferedStream] = weakref.WeakSet()

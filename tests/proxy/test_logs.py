@@ -120,3 +120,14 @@ def test_lines_waiting_at_exit_are_written() -> None:
         [sys.executable, "-c", program], capture_output=True, text=True, check=True, timeout=60
     )
     assert orjson.loads(done.stderr)["event"] == "last words"
+
+
+async def test_lines_for_an_output_that_is_gone_are_dropped_not_raised() -> None:
+    out = Recorder()
+    stream = TurnBufferedStream(out)
+    out.close()  # writing to it now raises ValueError
+    stream.write("lost\n")
+    stream.flush_now()  # what the end of the turn runs: no error escapes into the loop
+    stream.write("also lost\n")
+    await _end_of_turn()
+    assert out.writes == ["lost\n", "also lost\n"]  # tried, once each
