@@ -13,7 +13,11 @@
 # completed is its CPU per request. FLOOR_LOOP (asyncio) and SIDEGATE_LOOP (auto) choose the
 # event loops; LOGLEVEL the chain's level (bare: warning, full: info). The summary gives each
 # process's median and, for each one added, the median of its round-by-round difference to
-# sidegate as shipped (with the range): the figure to read on a machine that drifts. Needs wrk.
+# sidegate as shipped (with the range): the figure to read on a machine that drifts. RESTART=N
+# starts every process afresh each N rounds (default 0: never). A process keeps its speed
+# relative to another for as long as it runs (address layout, hash seeds): one set of processes
+# can differ from the next by more than a change, so an A/B wants several, e.g. RESTART=2 with
+# 12 rounds compares six pairs. Needs wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=$1; SECONDS_=$2; C=$3; CHAIN=$4; shift 4
@@ -24,33 +28,51 @@ case $CHAIN in
   *) echo "knockouts.sh: the chain is bare or full, not $CHAIN" >&2; exit 2 ;;
 esac
 taskset -c 1 $PY -m bench.upstream --port "$UP" >"$WORK/upstream.log" 2>&1 &
-NAMES=(floor "$CHAIN"); PORTS=("$PORT" $((PORT + 1)))
-taskset -c 0 $PY -m bench.passthrough --port "$PORT" --upstream "$BENCH_UPSTREAM" \
-  --loop "${FLOOR_LOOP:-asyncio}" >/dev/null 2>&1 &
-PIDS=($!)
 SERVE=(--config "$CONFIG" --log-level "$LEVEL" --log-format json --loop "${SIDEGATE_LOOP:-auto}")
-taskset -c 0 .venv/bin/sidegate serve "${SERVE[@]}" --port $((PORT + 1)) 2>"$WORK/$CHAIN.log" &
-PIDS+=($!)
+NAMES=(floor "$CHAIN")
 for parts in "$@"; do
-  port=$((PORT + ${#NAMES[@]}))
-  if [[ $parts == tree=* ]]; then  # the package from DIR first on the path (a script's sys.path)
-    PYTHONPATH=${parts#tree=} taskset -c 0 .venv/bin/sidegate serve "${SERVE[@]}" --port "$port" \
-      2>"$WORK/tree-${#NAMES[@]}.log" &
-    NAMES+=("${parts#tree=}")
-  else
-    taskset -c 0 $PY -m bench.knockout "$parts" -- "${SERVE[@]}" --port "$port" \
-      2>"$WORK/without-$parts.log" &
-    NAMES+=("without $parts")
-  fi
-  PIDS+=($!); PORTS+=("$port")
+  if [[ $parts == tree=* ]]; then NAMES+=("${parts#tree=}"); else NAMES+=("without $parts"); fi
 done
-for port in "${PORTS[@]}"; do wait_for "$port"; done
-for round in $(seq 1 "$ROUNDS"); do
-  for i in "${!NAMES[@]}"; do
-    read -r _ user system < <(cpu_per_request "${PIDS[$i]}" "${PORTS[$i]}" "$C" "$SECONDS_")
-    echo "round $round	${NAMES[$i]}	$((user + system))"
+PIDS=()
+start_all() {  # the floor, sidegate as shipped, then one process per PARTS, on ports from PORT
+  PIDS=()
+  taskset -c 0 $PY -m bench.passthrough --port "$PORT" --upstream "$BENCH_UPSTREAM" \
+    --loop "${FLOOR_LOOP:-asyncio}" >/dev/null 2>&1 &
+  PIDS+=($!)
+  taskset -c 0 .venv/bin/sidegate serve "${SERVE[@]}" --port $((PORT + 1)) 2>>"$WORK/$CHAIN.log" &
+  PIDS+=($!)
+  local port parts
+  for parts in "$@"; do
+    port=$((PORT + ${#PIDS[@]}))
+    if [[ $parts == tree=* ]]; then  # the package from DIR first on the path (a script's sys.path)
+      PYTHONPATH=${parts#tree=} taskset -c 0 .venv/bin/sidegate serve "${SERVE[@]}" --port "$port" \
+        2>>"$WORK/tree-${#PIDS[@]}.log" &
+    else
+      taskset -c 0 $PY -m bench.knockout "$parts" -- "${SERVE[@]}" --port "$port" \
+        2>>"$WORK/without-$parts.log" &
+    fi
+    PIDS+=($!)
   done
-done | tee "$WORK/rounds.tsv" | awk -F'\t' '{printf "%s: %s: %s µs a request\n", $1, $2, $3; fflush()}'
+  for i in "${!PIDS[@]}"; do wait_for $((PORT + i)); done
+}
+stop_all() {
+  [ ${#PIDS[@]} -eq 0 ] && return 0
+  kill "${PIDS[@]}" 2>/dev/null || true
+  wait "${PIDS[@]}" 2>/dev/null || true
+  PIDS=()
+}
+for round in $(seq 1 "$ROUNDS"); do
+  if [ ${#PIDS[@]} -eq 0 ] || { [ "${RESTART:-0}" -gt 0 ] && [ $(( (round - 1) % RESTART )) -eq 0 ] && [ "$round" -gt 1 ]; }; then
+    stop_all
+    start_all "$@"
+  fi
+  for i in "${!NAMES[@]}"; do
+    read -r _ user system < <(cpu_per_request "${PIDS[$i]}" $((PORT + i)) "$C" "$SECONDS_")
+    printf 'round %s\t%s\t%s\n' "$round" "${NAMES[$i]}" "$((user + system))" >>"$WORK/rounds.tsv"
+    echo "round $round: ${NAMES[$i]}: $((user + system)) µs a request"
+  done
+done
+stop_all
 # Medians per process, and each as a multiple of the floor's median.
 $PY - "$WORK/rounds.tsv" <<'PYTHON'
 import statistics, sys
