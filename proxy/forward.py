@@ -59,7 +59,7 @@ async def forward_handler(request: web.Request) -> web.StreamResponse:
             headers=headers,
             timeout=target.timeout,
             allow_redirects=False,
-            middlewares=active.client_chain,
+            middlewares=active.client_middlewares,
         )
     except SidegateError as exc:
         exc.headers.update(outbound.response_headers())

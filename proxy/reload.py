@@ -83,7 +83,7 @@ def policy_middlewares(runtime: Runtime, state: GatewayState) -> dict[str, Middl
         runtime.config.rate_limit_headers.mode,
         team_limits=lambda request: request.get(TEAM_LIMITS_KEY),
         pools=upstream_pool,
-        on_prepare=True,  # the app's prepare hook applies them
+        on_prepare=True,  # the access log and the stream apply them (headers.stamp_response)
     )
     return middlewares
 

@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
-from aiohttp.client_middlewares import ClientHandlerType, ClientMiddlewareType
-from aiohttp.client_reqrep import ClientRequest, ClientResponse
+from aiohttp.client_middlewares import ClientMiddlewareType
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_urldispatcher import AbstractRoute
 
@@ -40,16 +39,13 @@ class Active:
     runtime: Runtime
     policies: tuple[Middleware, ...]
     client_middlewares: tuple[ClientMiddlewareType, ...]
+    """What the upstream session runs: one middleware (retry running key rotation's part), or
+    none (:func:`~sidegate.proxy.reload.client_middlewares`); aiohttp wraps a single one once."""
     state: GatewayState
     names: tuple[str, ...] = ()
     """The policies then the parts the client middlewares run (retry, key rotation), outermost
     first (for tests and diagnostics); the two parts run in one middleware."""
     _chains: dict[Handler, Handler] = field(default_factory=dict)
-    client_chain: tuple[ClientMiddlewareType, ...] = field(init=False)
-    """``client_middlewares`` as the upstream session takes them: composed into one."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "client_chain", compose_client(self.client_middlewares))
 
     def chain(self, handler: Handler) -> Handler:
         """The policies around ``handler`` (a route's handler), composed on its first request
@@ -60,28 +56,6 @@ class Active:
             if len(self._chains) < _REMEMBERED_CHAINS:  # one per route handler
                 self._chains[handler] = chain
         return chain
-
-
-def compose_client(
-    middlewares: tuple[ClientMiddlewareType, ...],
-) -> tuple[ClientMiddlewareType, ...]:
-    """Client middlewares (outermost first) as one, which calls each with the next bound to it.
-
-    What aiohttp would run, less a wrapper coroutine (and a closure) per middleware and request:
-    aiohttp wraps a single middleware once, two or more each in a coroutine of their own.
-    """
-    if len(middlewares) < 2:
-        return middlewares
-    outer, *inner = middlewares
-    rest = compose_client(tuple(inner))[0]
-
-    def composed(request: ClientRequest, handler: ClientHandlerType) -> Awaitable[ClientResponse]:
-        def then(request: ClientRequest) -> Awaitable[ClientResponse]:
-            return rest(request, handler)
-
-        return outer(request, then)
-
-    return (composed,)
 
 
 _REMEMBERED_CHAINS = 64

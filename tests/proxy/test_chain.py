@@ -12,13 +12,17 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-from aiohttp import ClientRequest, ClientResponse, web
-from aiohttp.client_middlewares import ClientHandlerType, ClientMiddlewareType
+from aiohttp import ClientResponse, web
+from aiohttp.client_middlewares import ClientMiddlewareType
 from aiohttp.test_utils import TestClient
 
+from sidegate.config.resilience import RetryConfig
+from sidegate.middlewares.keys import KeyPools, KeySpec, PoolSpec, key_rotation_middleware
+from sidegate.middlewares.outbound import Outbound, outbound_scope
+from sidegate.middlewares.retry import retry_middleware
 from sidegate.proxy import create_app, reload_config
 from sidegate.proxy.mock import Fault
-from sidegate.proxy.state import STATE_KEY, compose_client
+from sidegate.proxy.state import STATE_KEY
 from tests.conftest import (
     ADMIN_KEY,
     DEMO,
@@ -58,7 +62,7 @@ async def test_the_bare_config_runs_only_the_policies_it_needs(gateway: Client) 
     # Retry runs key rotation's part itself: one client middleware, one coroutine, for both.
     active = gateway.app[STATE_KEY].active
     assert active is not None
-    assert len(active.client_middlewares) == len(active.client_chain) == 1
+    assert len(active.client_middlewares) == 1
 
 
 @pytest.mark.parametrize(
@@ -223,45 +227,34 @@ async def test_a_remembered_path_lets_no_unsafe_one_through(
     assert [r.path for r in meridian.state.received] == ["/v1/models", "/v1/models"]
 
 
-async def test_composed_client_middlewares_run_as_aiohttp_runs_them_apart(
+async def test_retry_running_key_rotation_sends_every_attempt_as_the_two_apart_would(
     aiohttp_server: AiohttpServer,
 ) -> None:
+    """The gateway's one client middleware (retry with ``keys=``) against retry outside key
+    rotation, as aiohttp runs two: the same attempts, with the same keys, the same outcome."""
     seen: list[str | None] = []
 
-    async def ok(request: web.Request) -> web.Response:
-        seen.append(request.headers.get("X-Inner"))
-        return web.Response(text="ok")
+    async def flaky(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.Response(status=503 if len(seen) % 3 != 0 else 200, text="ok")
 
     upstream = web.Application()
-    upstream.router.add_get("/", ok)
+    upstream.router.add_post("/", flaky)
     server = await aiohttp_server(upstream)
-    trail: list[str] = []
-
-    async def outer(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
-        trail.append("outer")
-        (await handler(request)).release()
-        trail.append("again")  # the outer one sees every attempt of the inner ones
-        return await handler(request)
-
-    def inner(name: str) -> ClientMiddlewareType:
-        async def middleware(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
-            trail.append(name)
-            request.headers["X-Inner"] = f"{name}{len(trail)}"
-            return await handler(request)
-
-        return middleware
-
-    chain = (outer, inner("a"), inner("b"))
-    assert compose_client(chain[:1]) == chain[:1]
-    assert len(compose_client(chain)) == 1
+    settings = RetryConfig(max_attempts=4, base_delay_s=0.0, max_delay_s=0.0)
     runs = []
-    for middlewares in (chain, compose_client(chain)):
-        trail.clear()
+    for fused in (False, True):
+        pools = KeyPools()
+        pools.rebuild({"up": PoolSpec([KeySpec("a", "sk-a"), KeySpec("b", "sk-b")])})
+        retry = retry_middleware(settings, keys=pools.resolve if fused else None)
+        middlewares: tuple[ClientMiddlewareType, ...] = (
+            (retry,) if fused else (retry, key_rotation_middleware(pools.resolve))
+        )
         seen.clear()
-        async with (
-            aiohttp.ClientSession(middlewares=middlewares) as session,
-            session.get(server.make_url("/")) as response,
-        ):
-            assert await response.text() == "ok"
-        runs.append((list(trail), list(seen)))
-    assert runs[0] == runs[1] == (["outer", "a", "b", "again", "a", "b"], ["b3", "b6"])
+        async with aiohttp.ClientSession(middlewares=middlewares) as session:
+            with outbound_scope(Outbound(upstream="up")) as outbound:
+                async with session.post(server.make_url("/")) as response:
+                    status = response.status
+        runs.append((list(seen), status, outbound.attempts, outbound.key_ids))
+    expected = (["Bearer sk-a", "Bearer sk-b", "Bearer sk-a"], 200, 3, ["a", "b", "a"])
+    assert runs[0] == runs[1] == expected
