@@ -7,7 +7,6 @@ that came from the environment or a file is never named in a message.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -295,6 +294,8 @@ class _Checker:
             visible = [
                 k for k in known if k not in self.served or self.served[k].loc not in self.secret
             ]
+            import difflib  # here: only a config with an unknown model needs it
+
             close = difflib.get_close_matches(name, visible, n=1)
             if close:
                 message += f" (did you mean {close[0]!r}?)"

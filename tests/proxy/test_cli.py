@@ -472,3 +472,18 @@ async def test_serve_keeps_the_collector_off_start_up_objects_and_requests_in_fl
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+def test_a_served_process_loads_neither_ctypes_nor_difflib() -> None:
+    """Idle RSS is a target (issue 7): what only ``--workers``' parent (ctypes, for ``prctl``)
+    or a config with an unknown model (difflib, for "did you mean") needs is imported there."""
+    script = (
+        "import sys\n"
+        "from sidegate.proxy.app import create_app\n"
+        "from sidegate.proxy.cli import main\n"
+        f"create_app({str(DEMO)!r})\n"
+        "print(sorted(m for m in ('ctypes', 'difflib') if m in sys.modules))\n"
+    )
+    result = _run(sys.executable, "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -222,6 +222,31 @@ async def test_a_worker_that_dies_stops_the_others_and_the_parent_fails(
         assert exited["exit_code"] == -signal.SIGKILL
 
 
+async def test_workers_die_with_a_parent_killed_outright(
+    tmp_path: Path, unused_tcp_port: int
+) -> None:
+    """SIGKILL leaves the parent no chance to forward anything: each worker was started with
+    ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` and stops on its own."""
+    async with serve(tmp_path, unused_tcp_port, workers=2) as group:
+        workers = _children(group.proc.pid)
+        assert len(workers) == 2
+        assert len(await group.wait_for("serving", 2)) == 2
+        group.proc.kill()
+        await group.exit_status()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + EXIT_TIMEOUT_S
+        while any(_alive(pid) and not _zombie(pid) for pid in workers):
+            if loop.time() > deadline:
+                pytest.fail(f"workers {workers} outlived a killed parent by {EXIT_TIMEOUT_S} s")
+            await asyncio.sleep(0.05)
+
+
+def _zombie(pid: int) -> bool:
+    with contextlib.suppress(FileNotFoundError):
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    return False
+
+
 async def test_one_worker_is_todays_single_process(tmp_path: Path, unused_tcp_port: int) -> None:
     async with serve(tmp_path, unused_tcp_port, workers=1) as group:
         assert _children(group.proc.pid) == []
