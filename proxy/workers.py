@@ -56,8 +56,8 @@ def worker_command(argv: Sequence[str], index: int) -> list[str]:
 def _in_worker(parent: int, libc: ctypes.CDLL | None) -> None:
     """Runs in the child before exec: ignore SIGHUP until sidegate handles it; die with parent.
 
-    ``libc`` (None off Linux) is loaded by the parent: nothing is imported
-    between fork and exec."""
+    ``libc`` (None off Linux) is loaded by the parent: nothing is imported between fork and
+    exec."""
     # Ignored (not default) until the worker's own handler is installed, so a reload sent while
     # it is starting does not kill it; SIG_IGN survives exec, a Python handler would not.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
