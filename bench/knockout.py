@@ -29,10 +29,9 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from sidegate.middlewares.access_log import AccessLogMiddleware
-from sidegate.middlewares.errors import response_for
+from sidegate.middlewares.errors import error_middleware
 from sidegate.proxy import app as gateway
 from sidegate.proxy import cli, reload
 from sidegate.proxy.state import STATE_KEY
@@ -81,22 +80,9 @@ def create_knocked_out(parts: Collection[str], *args: Any, **kwargs: Any) -> web
 
 
 def _errors_only(**_: object) -> AccessLogMiddleware:
-    """The access log knocked out: what is left of it is the error middleware."""
-
-    async def errors(
-        request: web.Request, handler: Handler, endpoint: str | None = None
-    ) -> web.StreamResponse:
-        # error_middleware's body: a coroutine function (aiohttp wraps any other handler), and
-        # no frame more than the access log's own
-        try:
-            return await handler(request)
-        except Exception as exc:
-            response = response_for(request, exc)
-            if response is None:
-                raise
-            return response
-
-    return errors
+    """The access log knocked out: what is left of it is the error middleware (which takes the
+    endpoint a route binds, and ignores it)."""
+    return error_middleware
 
 
 def main(argv: Sequence[str] | None = None) -> int:

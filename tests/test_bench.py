@@ -506,7 +506,7 @@ async def test_a_knock_out_takes_its_parts_out_and_the_rest_still_answers(
         monkeypatch.setenv(name, value)
     twice = [("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
 
-    async def answers(parts: set[str]) -> tuple[bool, int, tuple[str, ...]]:
+    async def answers(parts: set[str]) -> tuple[bool, int, tuple[str, ...], str]:
         app = create_knocked_out(parts, TEMPLATES / "bare.yaml")
         server = await aiohttp_server(app)
         url = str(server.make_url("/v1/chat/completions"))
@@ -515,15 +515,18 @@ async def test_a_knock_out_takes_its_parts_out_and_the_rest_still_answers(
         async with (
             aiohttp.ClientSession() as session,
             session.post(url, data=CHAT_BODY, headers=[*AUTH.items(), *twice]) as response,
+            session.get(server.make_url("/nowhere")) as missing,
         ):
             names = app[STATE_KEY].active.names if app[STATE_KEY].active else ()
-            return "x-request-id" in headers, response.status, names
+            refused = (await missing.json())["error"]["code"]  # the envelope, either way
+            return "x-request-id" in headers, response.status, names, refused
 
     # As shipped: every response has its request id; retry refuses two Idempotency-Keys.
     assert await answers(set()) == (
         True,
         400,
         ("auth", "routing", "ratelimit_headers", "retry", "key_rotation"),
+        "not_found",
     )
     # Without the access log (which stamps responses) and retry: no request id, the two keys
     # reach the upstream.
@@ -531,6 +534,7 @@ async def test_a_knock_out_takes_its_parts_out_and_the_rest_still_answers(
         False,
         200,
         ("auth", "routing", "key_rotation"),
+        "not_found",
     )
     with pytest.raises(RuntimeError, match="has no limits"):
         await answers({"limits"})
