@@ -23,6 +23,7 @@ from .errors import response_for
 from .ids import random_hex
 
 __all__ = [
+    "UNMATCHED",
     "AccessLogMiddleware",
     "RequestObserver",
     "access_log_middleware",
@@ -31,6 +32,10 @@ __all__ = [
 ]
 
 log = structlog.get_logger("sidegate.access")
+
+
+UNMATCHED = "unmatched"
+"""The endpoint a request no route took is counted under (a 404, a 405)."""
 
 
 class RequestObserver(Protocol):
@@ -109,7 +114,7 @@ def access_log_middleware(
                 if observer is not None:
                     if endpoint is None:
                         resource = request.match_info.route.resource
-                        endpoint = resource.canonical if resource is not None else "unmatched"
+                        endpoint = resource.canonical if resource is not None else UNMATCHED
                     observer.record(endpoint, status, latency)
             finally:
                 bound.reset(token)

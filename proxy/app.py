@@ -16,7 +16,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from sidegate.config import load_config
 from sidegate.config.models import MemoryStore, RedisStore, SidegateConfig, SqliteStore
-from sidegate.middlewares.access_log import AccessLogMiddleware, access_log_middleware
+from sidegate.middlewares.access_log import UNMATCHED, AccessLogMiddleware, access_log_middleware
 from sidegate.middlewares.errors import SidegateError
 from sidegate.middlewares.store import Stores, open_stores
 from sidegate.middlewares.store.leases import LeasedStores
@@ -136,12 +136,8 @@ class _Entries:
             methods = {route.method for route in resource}
             if hdrs.METH_ANY not in methods:
                 refuse = functools.partial(_not_allowed, allowed=frozenset(methods))
-                resource.add_route(hdrs.METH_ANY, self.open(refuse, endpoint=_UNMATCHED))
-        router.add_route(hdrs.METH_ANY, "/{tail:.*}", self.open(_not_found, endpoint=_UNMATCHED))
-
-
-_UNMATCHED = "unmatched"
-"""The endpoint a refusal is counted under in the metrics (no route took the request)."""
+                resource.add_route(hdrs.METH_ANY, self.open(refuse, endpoint=UNMATCHED))
+        router.add_route(hdrs.METH_ANY, "/{tail:.*}", self.open(_not_found, endpoint=UNMATCHED))
 
 
 async def _not_allowed(request: web.Request, *, allowed: frozenset[str]) -> web.StreamResponse:
