@@ -27,8 +27,6 @@ from sidegate.proxy.mock import Fault
 from tests.conftest import Upstream
 from tests.middlewares.test_outbound_support import CHAT, FakeClock, pool, session
 
-pytestmark = pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
-
 
 @pytest.fixture
 def clock() -> FakeClock:
@@ -285,6 +283,7 @@ def auth_of(upstream: Upstream) -> list[str]:
     return [received.headers["Authorization"] for received in upstream.state.received]
 
 
+@pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
 async def test_429_on_one_key_retries_on_the_next_at_once(
     meridian: Upstream, clock: FakeClock
 ) -> None:
@@ -307,6 +306,7 @@ async def test_429_on_one_key_retries_on_the_next_at_once(
     assert keys.snapshot()[1].limits.limit_requests == 10_000
 
 
+@pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
 async def test_401_quarantines_the_key_and_is_not_retried(
     meridian: Upstream, clock: FakeClock
 ) -> None:
@@ -322,6 +322,7 @@ async def test_401_quarantines_the_key_and_is_not_retried(
     assert [s.state for s in keys.snapshot()] == ["quarantined", "active"]
 
 
+@pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
 async def test_all_keys_cooling_is_a_429_with_the_earliest_retry_after(
     meridian: Upstream, clock: FakeClock
 ) -> None:
@@ -341,6 +342,7 @@ async def test_all_keys_cooling_is_a_429_with_the_earliest_retry_after(
     assert meridian.state.count() == 2
 
 
+@pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
 async def test_all_keys_cooling_within_the_deadline_waits_for_the_earliest(
     meridian: Upstream, clock: FakeClock
 ) -> None:

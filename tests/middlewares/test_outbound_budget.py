@@ -5,15 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import pytest
 
 from sidegate.middlewares.outbound import Outbound, outbound_scope
 from sidegate.middlewares.retry import RetryBudget
 from sidegate.proxy.mock import Fault
 from tests.conftest import Upstream
 from tests.middlewares.test_outbound_support import CHAT, FakeClock, session
-
-pytestmark = pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
 
 N = 50
 

@@ -13,8 +13,6 @@ from sidegate.proxy.mock import Fault
 from tests.conftest import Upstream
 from tests.middlewares.test_outbound_support import FakeClock, pool, session
 
-pytestmark = pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
-
 COMPLETE = {"service_id": "llm.general.v1", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -36,6 +34,7 @@ def sent(upstream: Upstream, name: str) -> list[str]:
     return [value for r in upstream.state.received for value in r.headers.getall(name, [])]
 
 
+@pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
 async def test_a_retried_post_carries_one_generated_key_and_one_upstream_key(
     meivan: Upstream,
 ) -> None:
@@ -57,6 +56,7 @@ async def test_a_retried_post_carries_one_generated_key_and_one_upstream_key(
     assert clock.sleeps == [0.0, 3.0, 0.0]
 
 
+@pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
 async def test_the_next_request_rotates_as_usual(meivan: Upstream) -> None:
     clock = FakeClock()
     keys = pool("a", "b", clock=clock)
@@ -69,6 +69,7 @@ async def test_the_next_request_rotates_as_usual(meivan: Upstream) -> None:
     assert first != second
 
 
+@pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
 async def test_a_clients_key_passes_unchanged_and_pins_the_key(meivan: Upstream) -> None:
     clock = FakeClock()
     keys = pool("a", "b", clock=clock)
@@ -101,6 +102,7 @@ async def test_no_key_is_generated_for_reads_or_when_the_caller_says_no(
     assert outbound.idempotency_key is None
 
 
+@pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
 async def test_a_pinned_key_cooling_down_is_waited_for_not_replaced(meivan: Upstream) -> None:
     clock = FakeClock()
     keys = pool("a", "b", clock=clock)

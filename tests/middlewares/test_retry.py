@@ -23,8 +23,6 @@ from sidegate.proxy.mock import Fault
 from tests.conftest import Upstream
 from tests.middlewares.test_outbound_support import CHAT, FakeClock, session
 
-pytestmark = pytest.mark.usefixtures("rotation")  # key rotation apart, and in retry
-
 CHAT_PATH = "/v1/chat/completions"
 COMPLETE = {"service_id": "llm.general.v1", "messages": [{"role": "user", "content": "hi"}]}
 
