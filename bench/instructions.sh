@@ -11,8 +11,10 @@
 # output files there (for callgrind_annotate). FLOOR_LOOP (asyncio) and SIDEGATE_LOOP (auto: as
 # shipped, uvloop when installed) choose the event loops. CACHESIM=1 also simulates the caches
 # and branch predictors and prints every event per request (Ir, I1mr, D1mr, Bcm, Bim ...): where
-# a CPU ratio runs above the instruction ratio, these say whether misses grow faster. Needs
-# valgrind.
+# a CPU ratio runs above the instruction ratio, these say whether misses grow faster.
+# WITHOUT=PARTS (comma-separated, as bench/knockouts.sh takes them: access_log, limits, retry ...)
+# runs sidegate with those parts taken out (python -m bench.knockout): the difference from the
+# count without WITHOUT is what the parts' instructions are. Needs valgrind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=$1; N=${2:-400}; C=${3:-16}; STREAM=${4:-}
@@ -24,9 +26,12 @@ case $TARGET in
   full) CONFIG=$BENCH_FULL LEVEL=${LOGLEVEL:-info} ;;
   *) CONFIG=$TARGET LEVEL=${LOGLEVEL:-info} ;;
 esac
-[ "$TARGET" = passthrough ] || COMMAND=(.venv/bin/sidegate serve --config "$CONFIG" --port "$PORT"
-                                        --log-level "$LEVEL" --log-format json
-                                        --loop "${SIDEGATE_LOOP:-auto}")
+if [ "$TARGET" != passthrough ]; then
+  SERVE=(--config "$CONFIG" --port "$PORT" --log-level "$LEVEL" --log-format json
+         --loop "${SIDEGATE_LOOP:-auto}")
+  if [ -n "${WITHOUT:-}" ]; then COMMAND=($PY -m bench.knockout "$WITHOUT" -- "${SERVE[@]}")
+  else COMMAND=(.venv/bin/sidegate serve "${SERVE[@]}"); fi
+fi
 taskset -c 1 $PY -m bench.upstream --port "$UP" >"$WORK/upstream.log" 2>&1 &
 SIM=(); [ -n "${CACHESIM:-}" ] && SIM=(--cache-sim=yes --branch-sim=yes)
 taskset -c 0 valgrind --tool=callgrind --instr-atstart=no "${SIM[@]}" --callgrind-out-file="$WORK/cg.out" \
@@ -47,7 +52,7 @@ EVENTS=$(grep -h "^events:" "$WORK"/cg.out* | head -1 | cut -d' ' -f2-)
 SUMS=$(grep -h "^totals:" "$WORK"/cg.out* | awk '{for (i = 2; i <= NF; i++) s[i] += $i}
   END {for (i = 2; i <= NF; i++) printf "%.0f%s", s[i], (i < NF ? " " : "\n")}')
 TOTAL=${SUMS%% *}
-echo "$TARGET: $((TOTAL / N)) instructions per request ($N requests, concurrency $C${STREAM:+, streamed})"
+echo "$TARGET${WITHOUT:+ without $WITHOUT}: $((TOTAL / N)) instructions per request ($N requests, concurrency $C${STREAM:+, streamed})"
 if [ -n "${CACHESIM:-}" ]; then  # every event, per request
   echo "$SUMS" | awk -v names="$EVENTS" -v n="$N" \
     '{split(names, e, " "); for (i = 1; i <= NF; i++) printf "%s %.0f%s", e[i], $i / n, (i < NF ? ", " : "\n")}'

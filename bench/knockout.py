@@ -14,7 +14,10 @@ out once the config is active. A part is one of:
 
 A part the config's chain does not have stops start-up (RuntimeError). What runs is not a
 usable gateway: a part knocked out no longer does its work (``routing`` and ``auth`` cannot go,
-the handler needs both), and a reload brings the whole chain back. ``bench/knockouts.sh``
+the handler needs both), and a reload brings the whole chain back. Without ``key_rotation`` no
+upstream key is sent (the pool puts it on each attempt): the upstream refuses (the benchmark's
+mock answers 401), and what is measured is that refusal, not the work left; ``knockouts.sh``
+says so when answers are not 2xx. ``bench/knockouts.sh``
 measures each knock-out against the floor and sidegate as shipped, interleaved. Counting
 instructions (``instructions.sh``) says how much work a part is; this says what it costs on the
 CPU, which for sidegate's code runs well above what its instruction count suggests.
