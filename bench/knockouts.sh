@@ -4,7 +4,7 @@
 #
 #   bench/knockouts.sh ROUNDS SECONDS C bare|full PARTS [PARTS ...]
 #
-# e.g. bench/knockouts.sh 8 5 16 bare access_log ratelimit_headers retry,key_rotation
+# e.g. bench/knockouts.sh 8 5 16 bare access_log ratelimit_headers retry
 #      bench/knockouts.sh 8 4 16 bare tree=../before    # this checkout against another one
 # Each PARTS (comma-separated) is one more process, or, as tree=DIR, sidegate as shipped from
 # another checkout of this repository (a git worktree of an earlier commit, say) run with this
