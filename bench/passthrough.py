@@ -6,7 +6,8 @@ request is forwarded with its method, path, query, body and headers
 (less hop-by-hop ones) and the answer is streamed back as it arrives. No auth, no routing, no log.
 
 ``python -m bench.passthrough --port 9301 --upstream http://127.0.0.1:9300 [--loop uvloop]``
-(asyncio's own event loop unless asked: the issue's floor; uvloop to compare loop with loop)
+(asyncio's own event loop unless asked: the issue's floor; uvloop to compare loop with loop);
+``--reuse-port`` lets several copies share the port (``python -m bench.copies``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9301)
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:9300")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--reuse-port", action="store_true", help="bind with SO_REUSEPORT")
     args = parser.parse_args(argv)
     loop = None
     if args.loop == "uvloop":
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         access_log=None,
         print=None,
         loop=loop,
+        reuse_port=args.reuse_port or None,
     )
     return 0
 

@@ -254,6 +254,9 @@ def verdicts(results: Results) -> list[list[str]]:
     for target in ("sidegate-bare", "sidegate-full"):
         scale = _workers_scale(results, target)
         add(f"{target} --workers 2 req/s vs 1", scale, 1.6, "×", at_most=False)
+    floor = _workers_scale(results, "passthrough")
+    if floor is not None:  # no goal: what two processes can do on this machine beside the load
+        out.append(["the floor, 2 copies req/s vs 1 (reference)", f"{floor:,.3g}×", "—", "—"])
     out.append(
         [
             "cached 16×1536 embeddings CPU < forwarded",
@@ -355,7 +358,7 @@ def summary_json(results: Results, meta: dict[str, Any]) -> dict[str, Any]:
         "memory": results.memory,
         "workers": [m.to_json() for m in results.workers],
         "workers_scale": {
-            target: _workers_scale(results, target) for target in TARGETS if "sidegate" in target
+            target: _workers_scale(results, target) for target in TARGETS if target != "direct"
         },
         "store_written": results.store_written,
         "log_counts": results.log_counts,

@@ -239,7 +239,12 @@ def _start(
     log = ctx.directory / f"{target}-{label}.log"
     if target == "passthrough":
         process = start_passthrough(
-            free_port(), upstream.url, cpus=cpus, log=log, loop=ctx.options.floor_loop
+            free_port(),
+            upstream.url,
+            cpus=cpus,
+            log=log,
+            loop=ctx.options.floor_loop,
+            workers=workers,
         )
     else:
         full = target == "sidegate-full"
@@ -486,7 +491,8 @@ def _memory(ctx: _Context) -> None:
 
 
 def _workers(ctx: _Context, index: int) -> None:
-    """Each sidegate target with 1 then 2 workers, every process free to use both CPUs."""
+    """Each sidegate target with 1 then 2 workers, every process free to use both CPUs; and the
+    floor with 1 then 2 copies sharing its port, for what the machine and the load allow."""
     options, results = ctx.options, ctx.results
     cpus = options.all_cpus
     load_cpus = cpus or "0-1"
@@ -495,7 +501,7 @@ def _workers(ctx: _Context, index: int) -> None:
     try:
         wait_ready(upstream)
         for target in options.targets:
-            if not target.startswith("sidegate"):
+            if target == "direct":
                 continue
             ctx.say(f"workers: {target}, 1 then 2 workers, chat c=64 (run {index + 1})")
             for count in (1, 2):

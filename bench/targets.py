@@ -121,12 +121,28 @@ def start_upstream(port: int, *, cpus: str | None, log: Path, events: int) -> Pr
 
 
 def start_passthrough(
-    port: int, upstream: str, *, cpus: str | None, log: Path, loop: str = "asyncio"
+    port: int,
+    upstream: str,
+    *,
+    cpus: str | None,
+    log: Path,
+    loop: str = "asyncio",
+    workers: int = 1,
 ) -> Process:
-    """The floor (:mod:`bench.passthrough`) in front of ``upstream``, on ``loop``."""
+    """The floor (:mod:`bench.passthrough`) in front of ``upstream``, on ``loop``; ``workers``
+    copies of it sharing the port (:mod:`bench.copies`) when more than one."""
     command = [sys.executable, "-m", "bench.passthrough", "--port", str(port)]
     command += ["--upstream", upstream, "--loop", loop]
-    return _spawn("passthrough", command, cpus=cpus, url=f"http://127.0.0.1:{port}", log=log)
+    if workers != 1:
+        command = [sys.executable, "-m", "bench.copies", str(workers), *command, "--reuse-port"]
+    return _spawn(
+        "passthrough",
+        command,
+        cpus=cpus,
+        url=f"http://127.0.0.1:{port}",
+        log=log,
+        with_children=workers > 1,
+    )
 
 
 def start_sidegate(

@@ -29,8 +29,8 @@ from bench.knockout import main as knockout_main
 from bench.load import LoadResult, parse_wrk_output, render_lua
 from bench.passthrough import make_app
 from bench.profile import package_of, parse_collapsed
-from bench.report import fmt, render_table
-from bench.runner import ROWS, SECTIONS, TARGETS, _merged, _Slice
+from bench.report import fmt, render_table, verdicts
+from bench.runner import ROWS, SECTIONS, TARGETS, Results, _merged, _Slice
 from bench.sidegate_setup import TEMPLATES, deep_merge, sidegate_env
 from bench.stats import median, percentile, ratio
 from bench.summary import Measurement, aggregate
@@ -472,6 +472,44 @@ async def test_the_floor_runs_on_the_event_loop_it_is_given(
         assert ("/uvloop/" in maps) is (loop == "uvloop")
     finally:
         process.stop()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+async def test_two_copies_of_the_floor_share_its_port_and_stop_with_it(
+    upstream: str, tmp_path: Path
+) -> None:
+    process = start_passthrough(
+        free_port(), upstream, cpus=None, log=tmp_path / "floor.log", workers=2
+    )
+    try:
+        await asyncio.to_thread(wait_ready, process)
+        copies = procstat.children(process.pid)
+        assert len(copies) == 2
+        assert process.with_children
+        for _ in range(8):  # a connection each, all answered through the shared port
+            assert await asyncio.to_thread(probe, process.url) == []
+    finally:
+        assert await asyncio.to_thread(process.stop) == 0
+    # each copy was stopped and reaped, not left behind
+    left = await asyncio.to_thread(lambda: [pid for pid in copies if Path(f"/proc/{pid}").exists()])
+    assert left == []
+
+
+def test_the_floors_scaling_is_reported_beside_the_workers_goal() -> None:
+    def m(target: str, run: int, count: int, rps: float) -> Measurement:
+        return Measurement(f"workers-{count}", target, run, 100, 0, rps, 1.0, 2.0, 0.2)
+
+    results = Results()
+    results.workers = [
+        m("passthrough", 0, 1, 1000),
+        m("passthrough", 0, 2, 1500),
+        m("sidegate-bare", 0, 1, 800),
+        m("sidegate-bare", 0, 2, 1320),
+    ]
+    rows = {row[0]: row for row in verdicts(results)}
+    assert rows["sidegate-bare --workers 2 req/s vs 1"][1:] == ["1.65×", "≥ 1.6×", "met"]
+    assert rows["the floor, 2 copies req/s vs 1 (reference)"][1] == "1.5×"
+    assert "sidegate-full --workers 2 req/s vs 1" not in rows  # not measured: no verdict
 
 
 def test_the_report_names_the_loop_sidegate_serve_would_choose(
