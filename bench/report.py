@@ -225,7 +225,7 @@ def verdicts(results: Results) -> list[list[str]]:
         out.append(
             [
                 name,
-                f"{value:,.3g}{unit}",
+                f"{value:,.4g}{unit}",  # 4 digits: 1.595 is not 1.6
                 f"{'≤' if at_most else '≥'} {goal:g}{unit}",
                 "met" if met else "MISSED",
             ]
@@ -256,7 +256,7 @@ def verdicts(results: Results) -> list[list[str]]:
         add(f"{target} --workers 2 req/s vs 1", scale, 1.6, "×", at_most=False)
     floor = _workers_scale(results, "passthrough")
     if floor is not None:  # no goal: what two processes can do on this machine beside the load
-        out.append(["the floor, 2 copies req/s vs 1 (reference)", f"{floor:,.3g}×", "—", "—"])
+        out.append(["the floor, 2 copies req/s vs 1 (reference)", f"{floor:,.4g}×", "—", "—"])
     out.append(
         [
             "cached 16×1536 embeddings CPU < forwarded",
