@@ -7,11 +7,14 @@ unit test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from select import POLLIN, poll
 from typing import Any
 
 import aiohttp
@@ -493,6 +496,56 @@ async def test_two_copies_of_the_floor_share_its_port_and_stop_with_it(
     # each copy was stopped and reaped, not left behind
     left = await asyncio.to_thread(lambda: [pid for pid in copies if Path(f"/proc/{pid}").exists()])
     assert left == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and pidfds are Linux's")
+async def test_the_copies_stop_when_their_supervisor_is_killed_outright(
+    upstream: str, tmp_path: Path
+) -> None:
+    process = start_passthrough(
+        free_port(), upstream, cpus=None, log=tmp_path / "floor.log", workers=2
+    )
+    copies: list[int] = []
+    try:
+        await asyncio.to_thread(wait_ready, process)
+        copies = procstat.children(process.pid)
+        assert len(copies) == 2
+        exits = [_exit_of(pid) for pid in copies]  # opened while they are still its children
+        process.popen.kill()  # SIGKILL: no chance to pass anything on
+        await asyncio.to_thread(process.popen.wait)
+        assert await asyncio.to_thread(_all_readable, exits, 10.0)
+    finally:
+        process.stop()
+        for pid in copies:  # whatever the outcome, no orphan is left serving the port
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+
+
+def _exit_of(pid: int) -> int | None:
+    """A pidfd of ``pid`` (readable once it has exited), or None when it is already gone."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _all_readable(fds: list[int | None], timeout_s: float) -> bool:
+    """Whether every process behind ``fds`` exits within ``timeout_s`` (closes the fds)."""
+    poller = poll()
+    waiting = {fd for fd in fds if fd is not None}
+    for fd in waiting:
+        poller.register(fd, POLLIN)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(left * 1000):
+                poller.unregister(fd)
+                waiting.discard(fd)
+        return not waiting
+    finally:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
 
 
 def test_the_floors_scaling_is_reported_beside_the_workers_goal() -> None:
