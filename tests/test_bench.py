@@ -37,7 +37,7 @@ from bench.runner import ROWS, SECTIONS, TARGETS, Results, _merged, _Slice
 from bench.sidegate_setup import TEMPLATES, deep_merge, sidegate_env
 from bench.stats import median, percentile, ratio
 from bench.summary import Measurement, aggregate
-from bench.targets import free_port, probe, start_passthrough, wait_ready
+from bench.targets import Process, free_port, probe, start_passthrough, wait_ready
 from bench.upstream import UpstreamSettings, start_upstream
 from bench.workloads import (
     BENCH_KEY,
@@ -477,31 +477,10 @@ async def test_the_floor_runs_on_the_event_loop_it_is_given(
         process.stop()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-async def test_two_copies_of_the_floor_share_its_port_and_stop_with_it(
-    upstream: str, tmp_path: Path
-) -> None:
-    process = start_passthrough(
-        free_port(), upstream, cpus=None, log=tmp_path / "floor.log", workers=2
-    )
-    try:
-        await asyncio.to_thread(wait_ready, process)
-        copies = procstat.children(process.pid)
-        assert len(copies) == 2
-        assert process.with_children
-        for _ in range(8):  # a connection each, all answered through the shared port
-            assert await asyncio.to_thread(probe, process.url) == []
-    finally:
-        assert await asyncio.to_thread(process.stop) == 0
-    # each copy was stopped and reaped, not left behind
-    left = await asyncio.to_thread(lambda: [pid for pid in copies if Path(f"/proc/{pid}").exists()])
-    assert left == []
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and pidfds are Linux's")
-async def test_the_copies_stop_when_their_supervisor_is_killed_outright(
-    upstream: str, tmp_path: Path
-) -> None:
+@pytest.fixture
+async def two_copies(upstream: str, tmp_path: Path) -> AsyncIterator[tuple[Process, list[int]]]:
+    """The floor as two copies sharing its port, ready, and the copies' pids; afterwards the
+    supervisor is stopped and any copy still there killed, whatever the test did."""
     process = start_passthrough(
         free_port(), upstream, cpus=None, log=tmp_path / "floor.log", workers=2
     )
@@ -509,16 +488,39 @@ async def test_the_copies_stop_when_their_supervisor_is_killed_outright(
     try:
         await asyncio.to_thread(wait_ready, process)
         copies = procstat.children(process.pid)
-        assert len(copies) == 2
-        exits = [_exit_of(pid) for pid in copies]  # opened while they are still its children
-        process.popen.kill()  # SIGKILL: no chance to pass anything on
-        await asyncio.to_thread(process.popen.wait)
-        assert await asyncio.to_thread(_all_readable, exits, 10.0)
+        yield process, copies
     finally:
-        process.stop()
-        for pid in copies:  # whatever the outcome, no orphan is left serving the port
+        await asyncio.to_thread(process.stop)
+        for pid in copies:  # no orphan is left serving the port
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+async def test_two_copies_of_the_floor_share_its_port_and_stop_with_it(
+    two_copies: tuple[Process, list[int]],
+) -> None:
+    process, copies = two_copies
+    assert len(copies) == 2
+    assert process.with_children
+    for _ in range(8):  # a connection each, all answered through the shared port
+        assert await asyncio.to_thread(probe, process.url) == []
+    assert await asyncio.to_thread(process.stop) == 0
+    # each copy was stopped and reaped, not left behind
+    left = await asyncio.to_thread(lambda: [pid for pid in copies if Path(f"/proc/{pid}").exists()])
+    assert left == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG and pidfds are Linux's")
+async def test_the_copies_stop_when_their_supervisor_is_killed_outright(
+    two_copies: tuple[Process, list[int]],
+) -> None:
+    process, copies = two_copies
+    assert len(copies) == 2
+    exits = [_exit_of(pid) for pid in copies]  # opened while they are still its children
+    process.popen.kill()  # SIGKILL: no chance to pass anything on
+    await asyncio.to_thread(process.popen.wait)
+    assert await asyncio.to_thread(_all_readable, exits, 10.0)
 
 
 def _exit_of(pid: int) -> int | None:
