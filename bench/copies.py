@@ -3,39 +3,25 @@
 ``python -m bench.copies N COMMAND...`` starts COMMAND N times (each must bind its port with
 ``SO_REUSEPORT``: ``python -m bench.passthrough --reuse-port``, say) and waits for them; SIGTERM
 or SIGINT is passed on to every copy, and a copy that ends takes the others down with it; on
-Linux a copy also gets SIGTERM if this process is killed outright (as ``sidegate serve
---workers`` does for its workers). The copies are this process's direct children, so the
-harness's CPU samples of it count them (``with_children``), as they count sidegate's workers.
+Linux a copy also gets SIGTERM if this process is killed outright (sidegate's own
+``die_with_parent``, what ``sidegate serve --workers`` starts its workers with). The copies are
+this process's direct children, so the harness's CPU samples of it count them
+(``with_children``), as they count sidegate's workers.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+
+from sidegate.proxy.workers import die_with_parent, prctl_libc
 
 __all__ = ["main"]
 
 _POLL_S = 0.2
-_PR_SET_PDEATHSIG = 1
-
-
-def _dies_with(parent: int) -> Callable[[], None] | None:
-    """What a copy runs before exec: SIGTERM when ``parent`` dies (None off Linux)."""
-    if sys.platform != "linux":
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded here: nothing is imported after the fork
-
-    def in_copy() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before prctl
-            os._exit(1)
-
-    return in_copy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) < 2 or not args[0].isdigit() or int(args[0]) < 1:
         print("usage: python -m bench.copies N COMMAND...", file=sys.stderr)
         return 2
-    setup = _dies_with(os.getpid())
-    copies = [subprocess.Popen(args[1:], preexec_fn=setup) for _ in range(int(args[0]))]
+    parent, libc = os.getpid(), prctl_libc()
+    copies = [
+        subprocess.Popen(args[1:], preexec_fn=lambda: die_with_parent(parent, libc))
+        for _ in range(int(args[0]))
+    ]
     stopping = False
 
     def stop(signum: int, frame: object) -> None:

@@ -34,7 +34,15 @@ from sidegate.config import ConfigError, load_config
 
 from .logs import configure_logging
 
-__all__ = ["FORWARDED_SIGNALS", "WORKER_FLAG", "run_workers", "worker_command", "worker_count"]
+__all__ = [
+    "FORWARDED_SIGNALS",
+    "WORKER_FLAG",
+    "die_with_parent",
+    "prctl_libc",
+    "run_workers",
+    "worker_command",
+    "worker_count",
+]
 
 log = structlog.get_logger("sidegate.workers")
 
@@ -54,21 +62,27 @@ def worker_command(argv: Sequence[str], index: int) -> list[str]:
 
 
 def _in_worker(parent: int, libc: ctypes.CDLL | None) -> None:
-    """Runs in the child before exec: ignore SIGHUP until sidegate handles it; die with parent.
-
-    ``libc`` (None off Linux) is loaded by the parent: nothing is imported between fork and
-    exec."""
+    """Runs in the child before exec: ignore SIGHUP until sidegate handles it; die with parent."""
     # Ignored (not default) until the worker's own handler is installed, so a reload sent while
     # it is starting does not kill it; SIG_IGN survives exec, a Python handler would not.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    die_with_parent(parent, libc)
+
+
+def die_with_parent(parent: int, libc: ctypes.CDLL | None) -> None:
+    """In a child between fork and exec: have the kernel send it SIGTERM when ``parent`` dies
+    (``prctl(PR_SET_PDEATHSIG)``), and exit at once if it already has; nothing off Linux.
+
+    ``libc`` is :func:`prctl_libc`'s, loaded by the parent: nothing is imported between fork and
+    exec. (The benchmark's ``bench.copies`` starts its copies with it too.)"""
     if libc is not None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before prctl: do not start at all
             os._exit(1)
 
 
-def _libc() -> ctypes.CDLL | None:
-    """The C library, for ``prctl`` in a new worker; None off Linux.
+def prctl_libc() -> ctypes.CDLL | None:
+    """The C library, for :func:`die_with_parent`; None off Linux.
 
     ctypes is imported here, in the parent of ``--workers``, not at import: a worker (and a
     single ``serve``) never loads it, 0.6 MB of its idle RSS."""
@@ -122,7 +136,7 @@ def run_workers(
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     parent = os.getpid()
-    libc = _libc()
+    libc = prctl_libc()
     try:
         for index in range(count):
             if stopping:
