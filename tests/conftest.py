@@ -7,8 +7,10 @@ import contextlib
 import io
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from select import POLLIN, poll
 from typing import Any
 
 import pytest
@@ -232,3 +234,33 @@ def log_output() -> Iterator[io.StringIO]:
     structlog.reset_defaults()
     root.handlers[:], level = saved
     root.setLevel(level)
+
+
+class Exits:
+    """Processes to see end (Linux): a pidfd of each, opened now, while they run (one already
+    gone counts as ended). :meth:`wait` blocks until they have all exited, on the pidfds, with no
+    polling; call it off the event loop (``asyncio.to_thread``)."""
+
+    def __init__(self, pids: Iterable[int]) -> None:
+        self._fds: dict[int, int] = {}
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                self._fds[os.pidfd_open(pid)] = pid
+
+    def wait(self, timeout_s: float) -> list[int]:
+        """The pids still running after ``timeout_s`` (none: all exited); closes the pidfds."""
+        poller = poll()
+        for fd in self._fds:
+            poller.register(fd, POLLIN)
+        waiting = dict(self._fds)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while waiting and (left := deadline - time.monotonic()) > 0:
+                for fd, _ in poller.poll(left * 1000):
+                    poller.unregister(fd)
+                    del waiting[fd]
+            return sorted(waiting.values())
+        finally:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = {}

@@ -11,10 +11,8 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from select import POLLIN, poll
 from typing import Any
 
 import aiohttp
@@ -50,7 +48,7 @@ from bench.workloads import (
 )
 from sidegate.config import load_config
 from sidegate.proxy.state import STATE_KEY
-from tests.conftest import AiohttpServer
+from tests.conftest import AiohttpServer, Exits
 
 AUTH = {"Authorization": f"Bearer {BENCH_KEY}", "Content-Type": "application/json"}
 EVENTS = 5
@@ -517,37 +515,10 @@ async def test_the_copies_stop_when_their_supervisor_is_killed_outright(
 ) -> None:
     process, copies = two_copies
     assert len(copies) == 2
-    exits = [_exit_of(pid) for pid in copies]  # opened while they are still its children
+    exits = Exits(copies)  # opened while they are still its children
     process.popen.kill()  # SIGKILL: no chance to pass anything on
     await asyncio.to_thread(process.popen.wait)
-    assert await asyncio.to_thread(_all_readable, exits, 10.0)
-
-
-def _exit_of(pid: int) -> int | None:
-    """A pidfd of ``pid`` (readable once it has exited), or None when it is already gone."""
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-
-
-def _all_readable(fds: list[int | None], timeout_s: float) -> bool:
-    """Whether every process behind ``fds`` exits within ``timeout_s`` (closes the fds)."""
-    poller = poll()
-    waiting = {fd for fd in fds if fd is not None}
-    for fd in waiting:
-        poller.register(fd, POLLIN)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while waiting and (left := deadline - time.monotonic()) > 0:
-            for fd, _ in poller.poll(left * 1000):
-                poller.unregister(fd)
-                waiting.discard(fd)
-        return not waiting
-    finally:
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
+    assert await asyncio.to_thread(exits.wait, 10.0) == []
 
 
 def test_the_floors_scaling_is_reported_beside_the_workers_goal() -> None:

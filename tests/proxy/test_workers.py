@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from sidegate.proxy.workers import WORKER_FLAG, run_workers, worker_command, worker_count
-from tests.conftest import DEMO
+from tests.conftest import DEMO, Exits
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "examples" / "demo.yaml"
@@ -231,22 +231,13 @@ async def test_workers_die_with_a_parent_killed_outright(
         workers = _children(group.proc.pid)
         assert len(workers) == 2
         assert len(await group.wait_for("serving", 2)) == 2
+        exits = Exits(workers)  # opened while the workers still run
         group.proc.kill()
         await group.exit_status()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + EXIT_TIMEOUT_S
-        while living := [pid for pid in workers if _alive(pid) and not _zombie(pid)]:
-            if loop.time() > deadline:
-                for pid in living:  # orphans: no longer the parent's, for serve() to clean up
-                    os.kill(pid, signal.SIGKILL)
-                pytest.fail(f"workers {living} outlived a killed parent by {EXIT_TIMEOUT_S} s")
-            await asyncio.sleep(0.05)
-
-
-def _zombie(pid: int) -> bool:
-    with contextlib.suppress(FileNotFoundError):
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
-    return False
+        living = await asyncio.to_thread(exits.wait, EXIT_TIMEOUT_S)
+        for pid in living:  # orphans: no longer the parent's, for serve() to clean up
+            os.kill(pid, signal.SIGKILL)
+        assert living == [], f"workers outlived a killed parent by {EXIT_TIMEOUT_S} s"
 
 
 async def test_one_worker_is_todays_single_process(tmp_path: Path, unused_tcp_port: int) -> None:
