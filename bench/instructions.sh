@@ -26,6 +26,9 @@ case $TARGET in
   full) CONFIG=$BENCH_FULL LEVEL=${LOGLEVEL:-info} ;;
   *) CONFIG=$TARGET LEVEL=${LOGLEVEL:-info} ;;
 esac
+if [ "$TARGET" = passthrough ] && [ -n "${WITHOUT:-}" ]; then
+  echo "instructions.sh: WITHOUT takes parts out of sidegate; the floor has none" >&2; exit 2
+fi
 if [ "$TARGET" != passthrough ]; then
   SERVE=(--config "$CONFIG" --port "$PORT" --log-level "$LEVEL" --log-format json
          --loop "${SIDEGATE_LOOP:-auto}")
