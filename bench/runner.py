@@ -22,7 +22,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -319,8 +319,6 @@ def _measure_row(
     load_cpus = options.load_cpus or "0-1"
     workload = WORKLOADS[row.workload]
     script = ctx.scripts[row.workload]
-    slices = max(1, min(options.slices, math.floor(options.duration_s)))
-    slice_s = options.duration_s / slices
 
     def wrk(url: str, seconds: float) -> LoadResult:
         return run_wrk(
@@ -344,20 +342,10 @@ def _measure_row(
         return ttfb_result(data)
 
     load = wrk if row.wrk else client
-    if options.warmup_s > 0:
-        for one in live:
-            load(one.url, options.warmup_s)
-    taken: dict[str, list[_Slice]] = {one.target: [] for one in live}
-    for _ in range(slices):
-        for one in live:
-            taken[one.target].append(
-                _sampled(
-                    functools.partial(load, one.url, slice_s), one.process, upstream, _core(options)
-                )
-            )
+    taken = _interleaved(options, live, load, upstream, _core(options))
     measured = []
-    for one in live:
-        m = _merged(Measurement(row=row.name, target=one.target, run=index), taken[one.target])
+    for one, slices_taken in zip(live, taken, strict=True):
+        m = _merged(Measurement(row=row.name, target=one.target, run=index), slices_taken)
         if one.process is not None:
             family = one.process.with_children
             m.rss_kb = memory_kb(one.process.pid, with_children=family)
@@ -370,6 +358,28 @@ def _measure_row(
             if timed.errors:
                 m.detail = f"{m.detail}; SSE client: {timed.errors} errors {timed.detail}".strip()
     return measured
+
+
+def _interleaved(
+    options: Options,
+    live: Sequence[_Live],
+    load: Callable[[str, float], LoadResult],
+    upstream: Process,
+    core: int | None,
+) -> list[list[_Slice]]:
+    """A warm-up of each of ``live`` (``load(url, seconds)``), then ``options.duration_s`` cut
+    into slices that they take in turn, A B C A B C ...; each one's slices, in ``live``'s order."""
+    slices = max(1, min(options.slices, math.floor(options.duration_s)))
+    slice_s = options.duration_s / slices
+    if options.warmup_s > 0:
+        for one in live:
+            load(one.url, options.warmup_s)
+    taken: list[list[_Slice]] = [[] for _ in live]
+    for _ in range(slices):
+        for one, slices_taken in zip(live, taken, strict=True):
+            part = functools.partial(load, one.url, slice_s)
+            slices_taken.append(_sampled(part, one.process, upstream, core))
+    return taken
 
 
 def _core(options: Options) -> int | None:
@@ -491,40 +501,47 @@ def _memory(ctx: _Context) -> None:
 
 
 def _workers(ctx: _Context, index: int) -> None:
-    """Each sidegate target with 1 then 2 workers, every process free to use both CPUs; and the
-    floor with 1 then 2 copies sharing its port, for what the machine and the load allow."""
+    """Each target with 1 and with 2 workers (the floor: 1 and 2 copies sharing its port, for
+    what the machine and the load allow), every process free to use both CPUs. All are started
+    at once and measured interleaved, like a row's targets (1 worker, 2 workers, the next
+    target's 1 and 2, ...), so a drift of the machine's speed weighs on both counts alike."""
     options, results = ctx.options, ctx.results
     cpus = options.all_cpus
     load_cpus = cpus or "0-1"
     log = ctx.directory / f"upstream-workers-run{index + 1}.log"
     upstream = start_upstream(free_port(), cpus=cpus, log=log, events=options.events)
+    live: list[tuple[int, _Live]] = []
     try:
         wait_ready(upstream)
         for target in options.targets:
             if target == "direct":
                 continue
-            ctx.say(f"workers: {target}, 1 then 2 workers, chat c=64 (run {index + 1})")
             for count in (1, 2):
                 label = f"workers{count}-run{index + 1}"
                 process = _start(ctx, target, upstream, label, cpus=cpus, workers=count)
                 assert process is not None
-                try:
-                    endpoint = process.url + WORKLOADS["chat"].path
-                    script = ctx.scripts["chat"]
+                live.append((count, _Live(target, process, process.url)))
+        if not live:
+            return
+        names = ", ".join(dict.fromkeys(one.target for _, one in live))
+        ctx.say(f"workers: {names}, 1 and 2 workers interleaved, chat c=64 (run {index + 1})")
+        script = ctx.scripts["chat"]
+        path = WORKLOADS["chat"].path
 
-                    def load(seconds: float, url: str = endpoint, lua: Path = script) -> LoadResult:
-                        return run_wrk(url, lua, connections=64, duration_s=seconds, cpus=load_cpus)
+        def load(url: str, seconds: float) -> LoadResult:
+            return run_wrk(url + path, script, connections=64, duration_s=seconds, cpus=load_cpus)
 
-                    if options.warmup_s > 0:
-                        load(options.warmup_s)
-                    m = Measurement(row=f"workers-{count}", target=target, run=index)
-                    m = _merged(m, [_sampled(lambda: load(options.duration_s), process, upstream)])
-                    results.workers.append(m)
-                    ctx.say(f"    {count} worker(s): {m.rps or 0:,.0f} req/s")
-                finally:
-                    process.stop()
-                    _scan_log(ctx, process)
+        taken = _interleaved(options, [one for _, one in live], load, upstream, None)
+        for (count, one), slices_taken in zip(live, taken, strict=True):
+            m = Measurement(row=f"workers-{count}", target=one.target, run=index)
+            m = _merged(m, slices_taken)
+            results.workers.append(m)
+            ctx.say(f"    {one.target}, {count} worker(s): {m.rps or 0:,.0f} req/s")
     finally:
+        for _, one in live:
+            if one.process is not None:
+                one.process.stop()
+                _scan_log(ctx, one.process)
         upstream.stop()
 
 

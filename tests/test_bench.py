@@ -31,7 +31,17 @@ from bench.load import LoadResult, parse_wrk_output, render_lua
 from bench.passthrough import make_app
 from bench.profile import package_of, parse_collapsed
 from bench.report import fmt, render_table, verdicts
-from bench.runner import ROWS, SECTIONS, TARGETS, Results, _merged, _Slice
+from bench.runner import (
+    ROWS,
+    SECTIONS,
+    TARGETS,
+    Options,
+    Results,
+    _interleaved,
+    _Live,
+    _merged,
+    _Slice,
+)
 from bench.sidegate_setup import TEMPLATES, deep_merge, sidegate_env
 from bench.stats import median, percentile, ratio
 from bench.summary import Measurement, aggregate
@@ -175,6 +185,35 @@ def test_a_rows_slices_add_up_to_one_measurement() -> None:
     own = round(1.6 * ticks)
     assert merged.other_cpu_pct == pytest.approx((180 - own) / 300 * 100)
     assert merged.detail == "timeout 1"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_targets_take_a_rows_slices_in_turn_after_a_warm_up_each(tmp_path: Path) -> None:
+    """What rows and the workers section share: A B C A B C ..., so a drift of the machine's
+    speed weighs on every target (or worker count) alike, not on whichever ran during it."""
+    sleeper = subprocess.Popen(["sleep", "30"])  # stands in for the mock: its CPU is sampled
+    upstream = Process("upstream", sleeper, "http://127.0.0.1:9", tmp_path / "upstream.log")
+    calls: list[tuple[str, float]] = []
+
+    def load(url: str, seconds: float) -> LoadResult:
+        calls.append((url, seconds))
+        return LoadResult(len(calls), 0, seconds, 1.0, 2.0)
+
+    live = [_Live(name, None, f"http://{name}") for name in ("a", "b", "c")]
+    options = Options(duration_s=3.0, warmup_s=0.5, slices=3)
+    try:
+        taken = _interleaved(options, live, load, upstream, None)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    urls = [url for url, _ in calls]
+    assert urls == ["http://a", "http://b", "http://c"] * 4
+    assert [seconds for _, seconds in calls] == [0.5] * 3 + [1.0] * 9
+    assert [[one.result.requests for one in slices] for slices in taken] == [
+        [4, 7, 10],
+        [5, 8, 11],
+        [6, 9, 12],
+    ]
 
 
 def test_ratios_are_taken_within_a_run_then_the_median_over_runs() -> None:
