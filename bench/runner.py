@@ -2,7 +2,8 @@
 
 Pinning (on a machine with at least two CPUs): the process under test on CPU 0; the upstream
 mock, ``wrk``, the SSE client and this orchestrator on CPU 1. The ``--workers`` comparison lets
-every process use both CPUs (two workers need both).
+every process use both CPUs (two workers need both), and is interleaved like a row: each target
+with 1 and with 2 workers, all started at once, taking the slices in turn.
 
 Per run, every target is started fresh (all pinned to the same CPU, each idle while another is
 measured) and checked (:func:`~bench.targets.probe`); then each row is measured on all of them
