@@ -4,7 +4,9 @@ CPU is ``utime + stime`` of ``/proc/<pid>/stat`` (every thread of the process), 
 the CPU per request of a row is the difference of two samples over the requests completed between
 them. Memory is ``VmRSS`` (now) and ``VmHWM`` (the peak) of ``/proc/<pid>/status``. A CPU's busy
 and total ticks come from ``/proc/stat``: what the proxy's CPU spent on anything else during a row
-(other processes, interrupts, time stolen by the hypervisor) tells how noisy that row was.
+(other processes, interrupts, time stolen by the hypervisor) tells how noisy that row was. The
+sockets listening on a TCP port (``/proc/net/tcp`` and ``tcp6``) tell whether every worker
+sharing it is up.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ __all__ = [
     "children",
     "core_ticks",
     "cpu_ms_per_request",
+    "listeners",
     "memory_kb",
     "other_share",
     "parse_core_ticks",
@@ -134,3 +137,22 @@ def other_share(before: tuple[int, int], after: tuple[int, int], own_ticks: int)
     if elapsed <= 0:
         return None
     return max(0.0, (after[0] - before[0] - own_ticks) / elapsed)
+
+
+_LISTEN = "0A"  # the TCP state in /proc/net/tcp
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on TCP ``port`` (any address, IPv4 and IPv6) in this network namespace:
+    one per worker when workers share the port through ``SO_REUSEPORT``."""
+    count = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (_PROC / "net" / table).read_text().splitlines()[1:]
+        except FileNotFoundError:  # no IPv6
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == _LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
+                count += 1
+    return count

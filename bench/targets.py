@@ -22,6 +22,7 @@ from typing import IO
 
 import orjson
 
+from .procstat import listeners
 from .workloads import BENCH_KEY, CHAT_BODY, EMBED_BODY, EMBED_DIMENSIONS, EMBED_INPUTS, STREAM_BODY
 
 __all__ = [
@@ -51,6 +52,8 @@ class Process:
     log: Path
     with_children: bool = False
     log_file: IO[bytes] | None = field(default=None, repr=False)
+    listeners: int = 1
+    """Sockets listening on the URL's port once every worker (or copy) is up."""
 
     @property
     def pid(self) -> int:
@@ -99,7 +102,7 @@ def _spawn(
     url: str,
     log: Path,
     env: dict[str, str] | None = None,
-    with_children: bool = False,
+    workers: int = 1,
 ) -> Process:
     out = log.open("wb")
     popen = subprocess.Popen(
@@ -110,7 +113,7 @@ def _spawn(
         cwd=REPO,
         env={**os.environ, **(env or {})},
     )
-    return Process(name, popen, url, log, with_children, out)
+    return Process(name, popen, url, log, workers > 1, out, listeners=workers)
 
 
 def start_upstream(port: int, *, cpus: str | None, log: Path, events: int) -> Process:
@@ -141,7 +144,7 @@ def start_passthrough(
         cpus=cpus,
         url=f"http://127.0.0.1:{port}",
         log=log,
-        with_children=workers > 1,
+        workers=workers,
     )
 
 
@@ -171,7 +174,7 @@ def start_sidegate(
         url=f"http://127.0.0.1:{port}",
         log=log,
         env=env,
-        with_children=workers > 1,
+        workers=workers,
     )
 
 
@@ -194,7 +197,10 @@ def _post(url: str, path: str, body: bytes) -> tuple[int, bytes]:
 
 
 def wait_ready(process: Process, *, path: str = "/v1/chat/completions") -> None:
-    """Wait until ``process`` answers a chat request with 200 (or fail with its log's tail)."""
+    """Wait until ``process`` answers a chat request with 200 and all its workers listen (or
+    fail with its log's tail). The first worker up answers for all of them: a load started then
+    would open every connection to it, and measure one worker where two were asked for."""
+    port = int(process.url.rpartition(":")[2])
     deadline = time.monotonic() + READY_TIMEOUT_S
     last = ""
     while time.monotonic() < deadline:
@@ -207,9 +213,12 @@ def wait_ready(process: Process, *, path: str = "/v1/chat/completions") -> None:
         except OSError as exc:
             last = f"{type(exc).__name__}: {exc}"
         else:
-            if status == 200:
+            if status != 200:
+                last = f"status {status}: {body[:300]!r}"
+            elif (listening := listeners(port)) >= process.listeners:
                 return
-            last = f"status {status}: {body[:300]!r}"
+            else:
+                last = f"{listening} of {process.listeners} listening"
         time.sleep(0.05)
     raise RuntimeError(
         f"{process.name} not ready in {READY_TIMEOUT_S} s ({last}):\n{process.tail()}"

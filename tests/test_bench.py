@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ import yaml
 # bench/ is a folder of the checkout (run as `python -m bench` from its root), not installed.
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from bench import procstat, sse_client
+from bench import procstat, sse_client, targets
 from bench.cli import select
 from bench.knockout import create_knocked_out
 from bench.knockout import main as knockout_main
@@ -514,6 +515,47 @@ async def test_the_floor_runs_on_the_event_loop_it_is_given(
         process.stop()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_the_sockets_listening_on_a_port_are_counted_one_per_worker() -> None:
+    port = free_port()
+    sockets = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        sockets.append(sock)
+    try:
+        assert procstat.listeners(port) == 0  # bound, not yet listening
+        sockets[0].listen()
+        assert procstat.listeners(port) == 1
+        sockets[1].listen()
+        with socket.create_connection(("127.0.0.1", port)):  # a connection is not a listener
+            assert procstat.listeners(port) == 2
+        sockets[0].close()
+        assert procstat.listeners(port) == 1
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+async def test_a_process_is_ready_only_once_every_worker_listens(
+    upstream: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One worker answering is not enough: a load started then would be all that worker's."""
+    monkeypatch.setattr(targets, "READY_TIMEOUT_S", 0.5)
+    sleeper = await asyncio.to_thread(subprocess.Popen, ["sleep", "30"])  # the mock answers
+    try:
+        one = Process("one", sleeper, upstream, tmp_path / "one.log")
+        await asyncio.to_thread(wait_ready, one)
+        two = Process("two", sleeper, upstream, tmp_path / "two.log", listeners=2)
+        with pytest.raises(RuntimeError, match="1 of 2 listening"):
+            await asyncio.to_thread(wait_ready, two)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 @pytest.fixture
 async def two_copies(upstream: str, tmp_path: Path) -> AsyncIterator[tuple[Process, list[int]]]:
     """The floor as two copies sharing its port, ready, and the copies' pids; afterwards the
@@ -540,6 +582,7 @@ async def test_two_copies_of_the_floor_share_its_port_and_stop_with_it(
     process, copies = two_copies
     assert len(copies) == 2
     assert process.with_children
+    assert procstat.listeners(int(process.url.rpartition(":")[2])) == 2  # both, once ready
     for _ in range(8):  # a connection each, all answered through the shared port
         assert await asyncio.to_thread(probe, process.url) == []
     assert await asyncio.to_thread(process.stop) == 0
