@@ -136,6 +136,23 @@ class Served:
                 pytest.fail(f"no {name!r} event within {POLL_TIMEOUT_S} s:\n{self.output()}")
             await asyncio.sleep(RETRY_S)
 
+    async def wait_for_requests(self) -> list[dict[str, Any]]:
+        """The access-log lines (``request`` events), once there is one for every response the
+        test received. A line goes out at the end of the event-loop turn that logged it, which
+        can be after its response reached the client, so reading the log at once can miss it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + POLL_TIMEOUT_S
+        while True:
+            found = [event for event in self.events() if event.get("event") == "request"]
+            if len(found) >= self.answered:
+                return found
+            if loop.time() > deadline:
+                pytest.fail(
+                    f"{len(found)} access-log lines for {self.answered} responses within"
+                    f" {POLL_TIMEOUT_S} s:\n{self.output()}"
+                )
+            await asyncio.sleep(RETRY_S)
+
     async def wait_for_model(self, model: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + POLL_TIMEOUT_S
