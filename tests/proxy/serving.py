@@ -126,30 +126,23 @@ class Served:
             await asyncio.sleep(RETRY_S)
 
     async def wait_for_event(self, name: str) -> dict[str, Any]:
+        """The latest ``name`` event, once there is one."""
+        return (await self.wait_for_events(name, 1))[-1]
+
+    async def wait_for_events(self, name: str, count: int) -> list[dict[str, Any]]:
+        """Every ``name`` event, once there are at least ``count``. An access line (``request``)
+        goes out at the end of the event-loop turn that logged it, which can be after its
+        response reached the client: wait for ``answered`` of them rather than read at once."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + POLL_TIMEOUT_S
         while True:
             found = [event for event in self.events() if event.get("event") == name]
-            if found:
-                return found[-1]
-            if loop.time() > deadline:
-                pytest.fail(f"no {name!r} event within {POLL_TIMEOUT_S} s:\n{self.output()}")
-            await asyncio.sleep(RETRY_S)
-
-    async def wait_for_requests(self) -> list[dict[str, Any]]:
-        """The access-log lines (``request`` events), once there is one for every response the
-        test received. A line goes out at the end of the event-loop turn that logged it, which
-        can be after its response reached the client, so reading the log at once can miss it."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + POLL_TIMEOUT_S
-        while True:
-            found = [event for event in self.events() if event.get("event") == "request"]
-            if len(found) >= self.answered:
+            if len(found) >= count:
                 return found
             if loop.time() > deadline:
                 pytest.fail(
-                    f"{len(found)} access-log lines for {self.answered} responses within"
-                    f" {POLL_TIMEOUT_S} s:\n{self.output()}"
+                    f"{len(found)} of {count} {name!r} events within {POLL_TIMEOUT_S} s:\n"
+                    f"{self.output()}"
                 )
             await asyncio.sleep(RETRY_S)
 

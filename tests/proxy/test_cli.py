@@ -151,7 +151,7 @@ async def test_serve_the_demo_logs_one_json_line_per_request_and_exits_0_on_sigt
         assert body["model"] == "meridian-1-turbo"  # the alias, renamed on the way upstream
         assert body["choices"][0]["message"]["content"]
 
-        requests = await served.wait_for_requests()
+        requests = await served.wait_for_events("request", served.answered)
         assert len(requests) == served.answered
         chat = [event for event in requests if event["request_id"] == "cli-chat-1"]
         assert len(chat) == 1
