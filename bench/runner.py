@@ -511,7 +511,7 @@ def _workers(ctx: _Context, index: int) -> None:
     load_cpus = cpus or "0-1"
     log = ctx.directory / f"upstream-workers-run{index + 1}.log"
     upstream = start_upstream(free_port(), cpus=cpus, log=log, events=options.events)
-    live: list[tuple[int, _Live]] = []
+    live: list[_Live] = []
     try:
         wait_ready(upstream)
         for target in options.targets:
@@ -521,10 +521,10 @@ def _workers(ctx: _Context, index: int) -> None:
                 label = f"workers{count}-run{index + 1}"
                 process = _start(ctx, target, upstream, label, cpus=cpus, workers=count)
                 assert process is not None
-                live.append((count, _Live(target, process, process.url)))
+                live.append(_Live(target, process, process.url))
         if not live:
             return
-        names = ", ".join(dict.fromkeys(one.target for _, one in live))
+        names = ", ".join(dict.fromkeys(one.target for one in live))
         ctx.say(f"workers: {names}, 1 and 2 workers interleaved, chat c=64 (run {index + 1})")
         script = ctx.scripts["chat"]
         path = WORKLOADS["chat"].path
@@ -532,14 +532,15 @@ def _workers(ctx: _Context, index: int) -> None:
         def load(url: str, seconds: float) -> LoadResult:
             return run_wrk(url + path, script, connections=64, duration_s=seconds, cpus=load_cpus)
 
-        taken = _interleaved(options, [one for _, one in live], load, upstream, None)
-        for (count, one), slices_taken in zip(live, taken, strict=True):
-            m = Measurement(row=f"workers-{count}", target=one.target, run=index)
-            m = _merged(m, slices_taken)
+        taken = _interleaved(options, live, load, upstream, None)
+        for one, slices_taken in zip(live, taken, strict=True):
+            assert one.process is not None
+            count = one.process.workers
+            m = _merged(Measurement(f"workers-{count}", one.target, index), slices_taken)
             results.workers.append(m)
             ctx.say(f"    {one.target}, {count} worker(s): {m.rps or 0:,.0f} req/s")
     finally:
-        for _, one in live:
+        for one in live:
             if one.process is not None:
                 one.process.stop()
                 _scan_log(ctx, one.process)

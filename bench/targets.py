@@ -50,10 +50,15 @@ class Process:
     popen: subprocess.Popen[bytes]
     url: str
     log: Path
-    with_children: bool = False
     log_file: IO[bytes] | None = field(default=None, repr=False)
-    listeners: int = 1
-    """Sockets listening on the URL's port once every worker (or copy) is up."""
+    workers: int = 1
+    """Processes serving the URL's port (sidegate's workers, the floor's copies): as many sockets
+    listen on it once all are up; more than one are this process's children."""
+
+    @property
+    def with_children(self) -> bool:
+        """Whether its CPU and memory are its children's too (its workers serve, not it)."""
+        return self.workers > 1
 
     @property
     def pid(self) -> int:
@@ -113,7 +118,7 @@ def _spawn(
         cwd=REPO,
         env={**os.environ, **(env or {})},
     )
-    return Process(name, popen, url, log, workers > 1, out, listeners=workers)
+    return Process(name, popen, url, log, out, workers)
 
 
 def start_upstream(port: int, *, cpus: str | None, log: Path, events: int) -> Process:
@@ -215,10 +220,10 @@ def wait_ready(process: Process, *, path: str = "/v1/chat/completions") -> None:
         else:
             if status != 200:
                 last = f"status {status}: {body[:300]!r}"
-            elif (listening := listeners(port)) >= process.listeners:
+            elif (listening := listeners(port)) >= process.workers:
                 return
             else:
-                last = f"{listening} of {process.listeners} listening"
+                last = f"{listening} of {process.workers} listening"
         time.sleep(0.05)
     raise RuntimeError(
         f"{process.name} not ready in {READY_TIMEOUT_S} s ({last}):\n{process.tail()}"

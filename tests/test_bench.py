@@ -548,7 +548,7 @@ async def test_a_process_is_ready_only_once_every_worker_listens(
     try:
         one = Process("one", sleeper, upstream, tmp_path / "one.log")
         await asyncio.to_thread(wait_ready, one)
-        two = Process("two", sleeper, upstream, tmp_path / "two.log", listeners=2)
+        two = Process("two", sleeper, upstream, tmp_path / "two.log", workers=2)
         with pytest.raises(RuntimeError, match="1 of 2 listening"):
             await asyncio.to_thread(wait_ready, two)
     finally:
