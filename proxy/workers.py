@@ -37,9 +37,8 @@ from .logs import configure_logging
 __all__ = [
     "FORWARDED_SIGNALS",
     "WORKER_FLAG",
-    "die_with_parent",
-    "prctl_libc",
     "run_workers",
+    "supervise",
     "worker_command",
     "worker_count",
 ]
@@ -62,27 +61,21 @@ def worker_command(argv: Sequence[str], index: int) -> list[str]:
 
 
 def _in_worker(parent: int, libc: ctypes.CDLL | None) -> None:
-    """Runs in the child before exec: ignore SIGHUP until sidegate handles it; die with parent."""
+    """Runs in the child before exec: ignore SIGHUP until sidegate handles it; die with parent.
+
+    ``libc`` (None off Linux) is loaded by the parent: nothing is imported between fork and
+    exec."""
     # Ignored (not default) until the worker's own handler is installed, so a reload sent while
     # it is starting does not kill it; SIG_IGN survives exec, a Python handler would not.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    die_with_parent(parent, libc)
-
-
-def die_with_parent(parent: int, libc: ctypes.CDLL | None) -> None:
-    """In a child between fork and exec: have the kernel send it SIGTERM when ``parent`` dies
-    (``prctl(PR_SET_PDEATHSIG)``), and exit at once if it already has; nothing off Linux.
-
-    ``libc`` is :func:`prctl_libc`'s, loaded by the parent: nothing is imported between fork and
-    exec. (The benchmark's ``bench.copies`` starts its copies with it too.)"""
     if libc is not None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before prctl: do not start at all
             os._exit(1)
 
 
-def prctl_libc() -> ctypes.CDLL | None:
-    """The C library, for :func:`die_with_parent`; None off Linux.
+def _libc() -> ctypes.CDLL | None:
+    """The C library, for ``prctl`` in a new worker; None off Linux.
 
     ctypes is imported here, in the parent of ``--workers``, not at import: a worker (and a
     single ``serve``) never loads it, 0.6 MB of its idle RSS."""
@@ -121,6 +114,18 @@ def run_workers(
         )
         return 1
     configure_logging(log_level, log_format)
+    return supervise([worker_command(argv, index) for index in range(count)])
+
+
+def supervise(commands: Sequence[Sequence[str]]) -> int:
+    """Run each of ``commands`` as a worker, and wait for them all: 0 if every one exited 0.
+
+    What ``--workers`` runs its workers with (and the benchmark its floor's copies,
+    ``bench.copies``): SIGTERM, SIGINT and SIGHUP are forwarded to every worker once (in their
+    own process group, they get nothing from a terminal but through this); a worker that exits on
+    its own stops the others; each ignores SIGHUP until it installs its own handler, and dies
+    with this process (Linux). Call it where no other thread runs (``preexec_fn``).
+    """
     workers: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
@@ -136,14 +141,14 @@ def run_workers(
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     parent = os.getpid()
-    libc = prctl_libc()
+    libc = _libc()
     try:
-        for index in range(count):
+        for command in commands:
             if stopping:
                 break
             # preexec_fn is safe here: the parent runs no other thread.
-            proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-                worker_command(argv, index),
+            proc = subprocess.Popen(  # noqa: S603 - commands our own callers built
+                command,
                 stdin=subprocess.DEVNULL,
                 process_group=0,
                 preexec_fn=lambda: _in_worker(parent, libc),
