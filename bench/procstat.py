@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "ESTABLISHED",
+    "LISTEN",
     "CpuSample",
     "children",
     "core_ticks",
@@ -27,6 +29,7 @@ __all__ = [
     "parse_stat_ticks",
     "parse_status_kb",
     "sample_cpu",
+    "tcp_sockets",
 ]
 
 _PROC = Path("/proc")
@@ -139,13 +142,16 @@ def other_share(before: tuple[int, int], after: tuple[int, int], own_ticks: int)
     return max(0.0, (after[0] - before[0] - own_ticks) / elapsed)
 
 
-_LISTEN = "0A"  # the TCP state in /proc/net/tcp
+ESTABLISHED = "01"
+LISTEN = "0A"
+"""TCP states as ``/proc/net/tcp`` writes them."""
 
 
-def listeners(port: int) -> int:
-    """Sockets listening on TCP ``port`` (any address, IPv4 and IPv6) in this network namespace:
-    one per worker when workers share the port through ``SO_REUSEPORT``."""
-    count = 0
+def tcp_sockets(port: int, state: str) -> set[int]:
+    """The inodes of the TCP sockets in ``state`` whose local port is ``port`` (any address, IPv4
+    and IPv6) in this network namespace: with :data:`ESTABLISHED`, the server side of the
+    connections a port accepted; with :data:`LISTEN`, its listening sockets."""
+    inodes = set()
     for table in ("tcp", "tcp6"):
         try:
             lines = (_PROC / "net" / table).read_text().splitlines()[1:]
@@ -153,6 +159,12 @@ def listeners(port: int) -> int:
             continue
         for line in lines:
             fields = line.split()
-            if fields[3] == _LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
-                count += 1
-    return count
+            if fields[3] == state and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on TCP ``port``: one per worker when workers share the port through
+    ``SO_REUSEPORT``."""
+    return len(tcp_sockets(port, LISTEN))

@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 import yaml
 
+from bench.procstat import ESTABLISHED, LISTEN, tcp_sockets
 from sidegate.proxy.workers import WORKER_FLAG, run_workers, worker_command, worker_count
 from tests.conftest import DEMO, Exits
 
@@ -42,26 +43,12 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in path.read_text().split()] if path.exists() else []
 
 
-def _established_inodes(port: int, state_code: str = "01") -> set[int]:
-    """Socket inodes of established TCP connections whose local (server) port is ``port``
-    (``state_code="0A"``: the sockets listening on it)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                local, state, inode = fields[1], fields[3], int(fields[9])
-                if state == state_code and int(local.rpartition(":")[2], 16) == port:
-                    inodes.add(inode)
-    return inodes
-
-
 async def _all_listening(workers: list[int], port: int) -> None:
     """Wait until every worker holds a socket listening on ``port``: a worker logs ``serving``
     before it binds, and the first one bound answers the readiness probe alone."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READY_TIMEOUT_S
-    while not all(_socket_inodes(pid) & _established_inodes(port, "0A") for pid in workers):
+    while not all(_socket_inodes(pid) & tcp_sockets(port, LISTEN) for pid in workers):
         if loop.time() > deadline:
             pytest.fail(f"not every worker listens on {port} within {READY_TIMEOUT_S} s")
         await asyncio.sleep(0.02)
@@ -189,7 +176,7 @@ async def test_two_workers_share_the_port_take_sighup_and_stop_on_sigterm(
         async with aiohttp.ClientSession(connector=connector, headers=DEMO) as session:
             await _chat_on_many_connections(session, group.url, "fast")
             # The connections stay open in the pool: each is held by the worker that accepted it.
-            established = _established_inodes(group.port)
+            established = tcp_sockets(group.port, ESTABLISHED)
             assert len(established) == CONNECTIONS
             held = {pid: len(_socket_inodes(pid) & established) for pid in workers}
             assert sum(held.values()) == CONNECTIONS
