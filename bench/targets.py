@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -54,6 +55,13 @@ class Process:
     workers: int = 1
     """Processes serving the URL's port (sidegate's workers, the floor's copies): as many sockets
     listen on it once all are up; more than one are this process's children."""
+
+    @property
+    def port(self) -> int:
+        """The TCP port of :attr:`url`."""
+        port = urlsplit(self.url).port
+        assert port is not None, self.url
+        return port
 
     @property
     def with_children(self) -> bool:
@@ -185,8 +193,8 @@ def start_sidegate(
 
 @contextlib.contextmanager
 def _connection(url: str, timeout: float = 10.0) -> Iterator[http.client.HTTPConnection]:
-    host, _, port = url.removeprefix("http://").partition(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
     try:
         yield connection
     finally:
@@ -205,7 +213,6 @@ def wait_ready(process: Process, *, path: str = "/v1/chat/completions") -> None:
     """Wait until ``process`` answers a chat request with 200 and all its workers listen (or
     fail with its log's tail). The first worker up answers for all of them: a load started then
     would open every connection to it, and measure one worker where two were asked for."""
-    port = int(process.url.rpartition(":")[2])
     deadline = time.monotonic() + READY_TIMEOUT_S
     last = ""
     while time.monotonic() < deadline:
@@ -220,7 +227,7 @@ def wait_ready(process: Process, *, path: str = "/v1/chat/completions") -> None:
         else:
             if status != 200:
                 last = f"status {status}: {body[:300]!r}"
-            elif (listening := listeners(port)) >= process.workers:
+            elif (listening := listeners(process.port)) >= process.workers:
                 return
             else:
                 last = f"{listening} of {process.workers} listening"
