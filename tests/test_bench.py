@@ -21,9 +21,6 @@ import orjson
 import pytest
 import yaml
 
-# bench/ is a folder of the checkout (run as `python -m bench` from its root), not installed.
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-
 from bench import procstat, sse_client, targets
 from bench.cli import select
 from bench.knockout import create_knocked_out
