@@ -12,7 +12,7 @@ eval "$($PY -m bench.sidegate_setup "$WORK" "http://127.0.0.1:$UP")"
 
 # BUSY=1: a spinner at nice 19 on CPU 0 beside the proxies, so that CPU never goes idle between
 # requests (a diagnosis, never a figure to report as sidegate's): on a VM, waking an idle CPU can
-# cost the woken process more than its work (VM K's c=1 rows: see the README's *VM K*). The
+# cost the woken process more than its work (VM K's c=1 rows: see *VM K* in bench/HISTORY.md). The
 # proxies preempt it when they wake; their own CPU time is what is measured, as without it.
 if [ "${BUSY:-}" = 1 ]; then
   taskset -c 0 nice -n 19 $PY -c 'while True: pass' &
