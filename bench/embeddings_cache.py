@@ -72,9 +72,16 @@ async def _processes(
     config.write_text(yaml.safe_dump(_config(upstream, port, float_answers)))
     pin_mock = ["taskset", "-c", "1"] if pin else []
     pin_gate = ["taskset", "-c", "0"] if pin else []
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    quiet = subprocess.DEVNULL
     mock = await asyncio.create_subprocess_exec(
-        *pin_mock, str(SIDEGATE), "mock", "meridian", "--port", str(upstream), **quiet
+        *pin_mock,
+        str(SIDEGATE),
+        "mock",
+        "meridian",
+        "--port",
+        str(upstream),
+        stdout=quiet,
+        stderr=quiet,
     )
     gate = await asyncio.create_subprocess_exec(
         *pin_gate,
@@ -84,7 +91,8 @@ async def _processes(
         str(config),
         "--log-level",
         "warning",
-        **quiet,
+        stdout=quiet,
+        stderr=quiet,
     )
     try:
         url = f"http://127.0.0.1:{port}"

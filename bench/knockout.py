@@ -30,10 +30,11 @@ import functools
 import sys
 from collections.abc import Collection, Sequence
 from typing import Any
+from unittest import mock
 
 from aiohttp import web
 
-from sidegate.middlewares.access_log import AccessLogMiddleware
+from sidegate.middlewares.access_log import AccessLogMiddleware, access_log_middleware
 from sidegate.middlewares.errors import error_middleware
 from sidegate.proxy import app as gateway
 from sidegate.proxy import cli, reload
@@ -47,13 +48,10 @@ _NEEDED = frozenset({"auth", "routing"})
 
 def create_knocked_out(parts: Collection[str], *args: Any, **kwargs: Any) -> web.Application:
     """``create_app(*args, **kwargs)`` with ``parts`` taken out."""
-    made = gateway.access_log_middleware
-    if "access_log" in parts:  # the errors' envelope stays: what the access log also is
-        gateway.access_log_middleware = _errors_only
-    try:
+    access_log = _errors_only if "access_log" in parts else access_log_middleware
+    # the errors' envelope stays when the access log goes: what the access log also is
+    with mock.patch.object(gateway, "access_log_middleware", access_log):
         app = gateway.create_app(*args, **kwargs)
-    finally:
-        gateway.access_log_middleware = made
     chain_parts = set(parts) - set(APP_PARTS)
 
     async def drop(app: web.Application) -> None:  # runs once the config is active
@@ -97,8 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if parts & _NEEDED:
         print(f"knockout: {', '.join(sorted(parts & _NEEDED))} cannot go", file=sys.stderr)
         return 2
-    cli.create_app = functools.partial(create_knocked_out, parts)  # as shipped, less the parts
-    return cli.main(["serve", *args[2:]])
+    # as shipped, less the parts
+    with mock.patch.object(cli, "create_app", functools.partial(create_knocked_out, parts)):
+        return cli.main(["serve", *args[2:]])
 
 
 if __name__ == "__main__":
