@@ -35,16 +35,27 @@ __all__ = ["create_app", "held_secrets", "open_store", "setup"]
 _UPSTREAM_CONNECTIONS = 1024
 
 
-def create_app(config: SidegateConfig | str | os.PathLike[str]) -> web.Application:
+def create_app(
+    config: SidegateConfig | str | os.PathLike[str],
+    *,
+    source: str | os.PathLike[str] | None = None,
+) -> web.Application:
     """The sidegate aiohttp app for ``config`` (a loaded config, or the path of a YAML file).
 
     Created from a path, the app reloads when the file changes (``server.watch_config``) and
     from :func:`sidegate.proxy.reload.reload_config` (which ``sidegate serve`` calls on SIGHUP).
+    ``source`` is the file a loaded ``config`` was read from: the app reloads from it as if it
+    had been created from that path, without reading it again now (``sidegate serve`` loads the
+    file once, to refuse a bad one before anything starts, and builds the app from what it read).
     The upstream ``ClientSession`` and the built-in mocks live in ``cleanup_ctx``.
     """
-    path = None if isinstance(config, SidegateConfig) else Path(config)
-    loaded = load_config(path) if path is not None else config
-    assert isinstance(loaded, SidegateConfig)
+    if isinstance(config, SidegateConfig):
+        loaded, path = config, Path(source) if source is not None else None
+    else:
+        if source is not None:
+            raise TypeError("source names the file of a loaded config; config is a path here")
+        path = Path(config)
+        loaded = load_config(path)
     metrics = Metrics()
     app = web.Application(handler_args={"max_field_size": 65536})
     endpoints: dict[AbstractRoute, Endpoint] = {}

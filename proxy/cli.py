@@ -205,7 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"sidegate: {exc}", file=sys.stderr)
         return 2
-    app = create_app(args.config)
+    app = create_app(config, source=args.config)  # the file is read once
     configure_logging(args.log_level, args.log_format, secrets=lambda: held_secrets(app))
     gc.collect()  # what loading left behind; start-up's survivors are frozen once it is done
     app.on_startup.append(_on_sighup_reload)

@@ -109,3 +109,27 @@ async def test_reload_of_an_app_built_from_an_object_is_refused(
     await aiohttp_client(app)
     with pytest.raises(RuntimeError, match="config file"):
         await reload_config(app)
+
+
+async def test_an_app_built_from_a_loaded_config_with_its_source_reloads_from_that_file(
+    aiohttp_client: AiohttpClient, meridian: Upstream, meivan: Upstream, tmp_path: Path
+) -> None:
+    """What ``sidegate serve`` does: the file is read once, and the app built from what was read
+    (a change made after the read is not picked up until a reload), then reloads from the file."""
+    from sidegate.config.loader import load_config
+
+    path = tmp_path / "sidegate.yaml"
+    config = base_config(meridian.url, meivan.url)
+    _write(path, config)
+    loaded = load_config(path)
+    config["models"]["fresh"] = {"upstream": "meridian", "model": "meridian-1"}
+    _write(path, config)  # after the read: the app serves what was read
+
+    app = create_app(loaded, source=path)
+    client = await aiohttp_client(app, headers=ADMIN)
+    assert "fresh" not in await _models(client)
+    assert await reload_config(app) is True
+    assert "fresh" in await _models(client)
+
+    with pytest.raises(TypeError, match="source"):
+        create_app(path, source=path)
