@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 import yaml
 
-from bench.procstat import ESTABLISHED, LISTEN, tcp_sockets
+from bench.procstat import ESTABLISHED, LISTEN, children, tcp_sockets
 from sidegate.proxy.workers import WORKER_FLAG, run_workers, worker_command, worker_count
 from tests.conftest import DEMO, Exits
 
@@ -36,11 +36,6 @@ CONNECTIONS = 24
 CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hello"}]}
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-
-
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(child) for child in path.read_text().split()] if path.exists() else []
 
 
 async def _all_listening(workers: list[int], port: int) -> None:
@@ -128,7 +123,7 @@ async def serve(tmp_path: Path, port: int, workers: int) -> AsyncIterator[Group]
         yield group
     finally:
         if proc.returncode is None:
-            for child in _children(proc.pid):
+            for child in children(proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
             proc.kill()
@@ -165,7 +160,7 @@ async def test_two_workers_share_the_port_take_sighup_and_stop_on_sigterm(
     tmp_path: Path, unused_tcp_port: int
 ) -> None:
     async with serve(tmp_path, unused_tcp_port, workers=2) as group:
-        workers = _children(group.proc.pid)
+        workers = children(group.proc.pid)
         assert len(workers) == 2
         started = await group.wait_for("workers_started", 1)
         assert sorted(started[0]["pids"]) == sorted(workers)
@@ -200,7 +195,7 @@ async def test_a_worker_that_dies_stops_the_others_and_the_parent_fails(
     tmp_path: Path, unused_tcp_port: int
 ) -> None:
     async with serve(tmp_path, unused_tcp_port, workers=2) as group:
-        first, second = _children(group.proc.pid)
+        first, second = children(group.proc.pid)
         os.kill(first, signal.SIGKILL)
         assert await group.exit_status() == 1
         assert not _alive(second)
@@ -215,7 +210,7 @@ async def test_workers_die_with_a_parent_killed_outright(
     """SIGKILL leaves the parent no chance to forward anything: each worker was started with
     ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` and stops on its own."""
     async with serve(tmp_path, unused_tcp_port, workers=2) as group:
-        workers = _children(group.proc.pid)
+        workers = children(group.proc.pid)
         assert len(workers) == 2
         assert len(await group.wait_for("serving", 2)) == 2
         exits = Exits(workers)  # opened while the workers still run
@@ -229,7 +224,7 @@ async def test_workers_die_with_a_parent_killed_outright(
 
 async def test_one_worker_is_todays_single_process(tmp_path: Path, unused_tcp_port: int) -> None:
     async with serve(tmp_path, unused_tcp_port, workers=1) as group:
-        assert _children(group.proc.pid) == []
+        assert children(group.proc.pid) == []
         assert group.events("workers_started") == []
         group.proc.send_signal(signal.SIGTERM)
         assert await group.exit_status() == 0
