@@ -131,5 +131,10 @@ async def test_an_app_built_from_a_loaded_config_with_its_source_reloads_from_th
     assert await reload_config(app) is True
     assert "fresh" in await _models(client)
 
+
+def test_a_source_beside_a_path_is_refused(tmp_path: Path) -> None:
+    """``source`` names the file of a loaded config; beside a path it is a misuse, refused before
+    anything is read."""
+    path = tmp_path / "absent.yaml"  # never read: the refusal comes first
     with pytest.raises(TypeError, match="source"):
         create_app(path, source=path)
