@@ -7,13 +7,10 @@ logged during the request, sent upstream, and returned to the client on every re
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
-from contextvars import Context, ContextVar, copy_context
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 import structlog
@@ -31,7 +28,6 @@ __all__ = [
     "RequestObserver",
     "access_log_middleware",
     "add_request_id",
-    "render_waiting_lines",
     "stamp_request_id",
 ]
 
@@ -74,9 +70,7 @@ def access_log_middleware(
     The line holds: request id, method, path, status, latency; and, when routing made a
     :class:`~sidegate.middlewares.contract.Call`, upstream, model, team, stream, attempts,
     upstream status and latency, bytes sent. Never a header value, so never a credential.
-    When the configured level filters info lines out, the line costs one level check. Its
-    fields are taken when the request ends; structlog processes it at the end of the event
-    loop's turn, with the turn's other access lines (:class:`_TurnLines`).
+    When the configured level filters info lines out, the line costs one level check.
 
     ``envelope_errors=True`` makes it also what :func:`~.errors.error_middleware` just inside it
     would be (errors answered with the envelope, and logged with that status), in one coroutine.
@@ -156,66 +150,6 @@ def _log(logger: Any, request: web.Request, request_id: str, status: int, latenc
     }
     if call is not None:
         fields.update(_routed_fields(call))
-    _lines.add(copy_context(), logger, fields)
-
-
-class _TurnLines:
-    """The access lines of an event loop's turn, handed to structlog together when it ends.
-
-    A line's fields are taken when its request ends; structlog's processing (the context
-    variables merged in, level, timestamp, rendering and redaction) runs at the end of the turn
-    (``loop.call_soon``) for all the turn's lines in a row, each in the context its request
-    ended in (``copy_context()``: what the request bound is in its line, as if logged then).
-    Under concurrency that costs less CPU than one line at a time (VM N, the full chain at c=16:
-    22 µs a request less, 16 rounds all lower; nothing at c=1, where a turn ends one request),
-    and it comes after the answer is sent. So a line's timestamp is when it was rendered, at
-    most a turn after its request ended (``latency_ms`` is the request's own). Lines keep their
-    order; one that fails is reported and the others are still written; lines still waiting are
-    rendered at exit and by :func:`render_waiting_lines`.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: list[tuple[Context, Any, dict[str, Any]]] = []
-        self._lock = threading.Lock()
-        self._on: asyncio.AbstractEventLoop | None = None  # the loop a render is scheduled on
-
-    def add(self, context: Context, logger: Any, fields: dict[str, Any]) -> None:
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        with self._lock:
-            self._waiting.append((context, logger, fields))
-            schedule = loop is not None and self._on is not loop
-            if schedule:
-                self._on = loop
-        if loop is None:
-            self.render()
-        elif schedule:
-            loop.call_soon(self.render)
-
-    def render(self) -> None:
-        """Hand every waiting line to its logger, in order."""
-        with self._lock:
-            waiting, self._waiting = self._waiting, []
-            self._on = None
-        for context, logger, fields in waiting:
-            try:
-                context.run(_emit, logger, fields)
-            except Exception:  # this line is lost, not the turn's others
-                logging.getLogger(__name__).exception("an access line could not be logged")
-
-
-_lines = _TurnLines()
-atexit.register(_lines.render)
-
-
-def render_waiting_lines() -> None:
-    """Log now the access lines waiting for the end of their turn (before a fork, at exit)."""
-    _lines.render()
-
-
-def _emit(logger: Any, fields: dict[str, Any]) -> None:
     if type(logger) not in _FILTERING:
         logger.info("request", **fields)
         return

@@ -16,7 +16,6 @@ from typing import Any, Literal, TextIO
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 
-from sidegate.middlewares.access_log import render_waiting_lines
 from sidegate.middlewares.redact import redact_secrets, redacting_json_renderer
 
 __all__ = ["TurnBufferedStream", "configure_logging", "flush_logs"]
@@ -156,10 +155,7 @@ def _flush_at_exit() -> None:
 
 
 def flush_logs() -> None:
-    """Write every line still waiting for the end of its turn: the access lines not yet logged
-    (:func:`~sidegate.middlewares.access_log.render_waiting_lines`), then what each
-    :class:`TurnBufferedStream` holds."""
-    render_waiting_lines()
+    """Write every line still waiting for the end of its turn (:class:`TurnBufferedStream`)."""
     for stream in list(_open_streams):
         stream.flush_now()
 

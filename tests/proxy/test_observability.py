@@ -10,7 +10,7 @@ import orjson
 import pytest
 import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient, make_mocked_request
+from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from structlog.testing import capture_logs
 
@@ -206,89 +206,6 @@ async def test_lines_logged_during_a_request_carry_its_id(
         ("inside", "rid-8"),
         ("request", "rid-8"),
     ]
-
-
-async def _bind_the_user(request: web.Request) -> web.Response:
-    structlog.contextvars.bind_contextvars(user=request.headers["x-user"])
-    return web.Response(text="ok")
-
-
-def _mocked(path: str, n: int) -> web.Request:
-    return make_mocked_request(
-        "GET", path, headers={"x-request-id": f"rid-{n}", "x-user": f"u-{n}"}
-    )
-
-
-async def test_access_lines_are_logged_when_the_turn_ends_in_order(
-    log_output: io.StringIO,
-) -> None:
-    configure_logging("info", "json", stream=log_output, cache=False)
-    middleware = access_log.access_log_middleware()
-    try:
-        with capture_logs() as logs:
-            for n in (1, 2, 3):  # no await here lets the loop turn: the turn's three lines wait
-                assert (await middleware(_mocked(f"/r{n}", n), _bind_the_user)).status == 200
-            assert logs == []
-            access_log.render_waiting_lines()
-        assert [(line["request_id"], line["path"]) for line in logs] == [
-            ("rid-1", "/r1"),
-            ("rid-2", "/r2"),
-            ("rid-3", "/r3"),
-        ]
-        access_log.render_waiting_lines()  # nothing waits any more: nothing logged twice
-        assert len(logs) == 3
-    finally:
-        structlog.contextvars.clear_contextvars()
-
-
-async def test_an_access_line_carries_what_its_request_bound_and_flush_logs_writes_it(
-    log_output: io.StringIO,
-) -> None:
-    configure_logging("info", "json", stream=log_output, cache=False)
-    middleware = access_log.access_log_middleware()
-    try:
-        for n in (
-            1,
-            2,
-        ):  # the handlers bind into this test's own context, the second over the first
-            assert (await middleware(_mocked(f"/r{n}", n), _bind_the_user)).status == 200
-        assert log_output.getvalue() == ""
-        flush_logs()  # the waiting access lines, then the stream they were written to
-        lines = [orjson.loads(line) for line in log_output.getvalue().splitlines()]
-        assert [(line["request_id"], line["user"]) for line in lines] == [
-            ("rid-1", "u-1"),
-            ("rid-2", "u-2"),
-        ]
-    finally:
-        structlog.contextvars.clear_contextvars()
-
-
-async def test_an_access_line_that_fails_loses_only_itself(
-    log_output: io.StringIO, caplog: pytest.LogCaptureFixture
-) -> None:
-    def fussy(logger: Any, method: str, event: Any) -> Any:
-        if event["path"] == "/bad":
-            raise ValueError("not this one")
-        return event
-
-    structlog.configure(
-        processors=[fussy, structlog.processors.JSONRenderer()],
-        logger_factory=structlog.WriteLoggerFactory(log_output),
-        cache_logger_on_first_use=False,
-    )
-    middleware = access_log.access_log_middleware()
-    try:
-        for n, path in enumerate(("/bad", "/good")):
-            assert (await middleware(_mocked(path, n), _bind_the_user)).status == 200
-        access_log.render_waiting_lines()
-    finally:
-        structlog.contextvars.clear_contextvars()
-    (line,) = [orjson.loads(line) for line in log_output.getvalue().splitlines()]
-    assert (line["path"], line["request_id"]) == ("/good", "rid-1")
-    (failure,) = [r for r in caplog.records if r.name == access_log.__name__]
-    assert failure.getMessage() == "an access line could not be logged"
-    assert failure.exc_info is not None
-    assert isinstance(failure.exc_info[1], ValueError)
 
 
 @pytest.mark.parametrize("envelope", [False, True])
