@@ -50,7 +50,8 @@ def create_app(
     The upstream ``ClientSession`` and the built-in mocks live in ``cleanup_ctx``.
     """
     if isinstance(config, SidegateConfig):
-        loaded, path = config, Path(source) if source is not None else None
+        loaded = config
+        path = Path(source) if source is not None else None
     else:
         if source is not None:
             raise TypeError("source names the file of a loaded config; config is a path here")

@@ -11,6 +11,8 @@ import yaml
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from sidegate.config.loader import load_config
+from sidegate.config.models import SidegateConfig
 from sidegate.proxy import create_app, reload_config
 from sidegate.proxy.state import STATE_KEY
 from tests.conftest import ADMIN, AiohttpClient, AiohttpServer, Upstream, base_config
@@ -103,8 +105,6 @@ async def test_requests_in_flight_finish_on_the_config_they_started_with(
 async def test_reload_of_an_app_built_from_an_object_is_refused(
     aiohttp_client: AiohttpClient, meridian: Upstream, meivan: Upstream
 ) -> None:
-    from sidegate.config.models import SidegateConfig
-
     app = create_app(SidegateConfig.model_validate(base_config(meridian.url, meivan.url)))
     await aiohttp_client(app)
     with pytest.raises(RuntimeError, match="config file"):
@@ -116,8 +116,6 @@ async def test_an_app_built_from_a_loaded_config_with_its_source_reloads_from_th
 ) -> None:
     """What ``sidegate serve`` does: the file is read once, and the app built from what was read
     (a change made after the read is not picked up until a reload), then reloads from the file."""
-    from sidegate.config.loader import load_config
-
     path = tmp_path / "sidegate.yaml"
     config = base_config(meridian.url, meivan.url)
     _write(path, config)
