@@ -63,7 +63,9 @@ def create_app(
     state = GatewayState(metrics=metrics, endpoints=endpoints, config_path=path)
     entries = _Entries(
         state,
-        access_log_middleware(observer=metrics, envelope_errors=True, stamp=stamp_response),
+        access_log_middleware(
+            observer=metrics, envelope_errors=True, stamp=stamp_response, send=True
+        ),
     )
     policed = entries.policed
     router = app.router

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from structlog.testing import capture_logs
 
+from sidegate.config.models import SidegateConfig
 from sidegate.middlewares import access_log
 from sidegate.middlewares.errors import BadRequest
+from sidegate.proxy import create_app, setup
 from sidegate.proxy.logs import configure_logging, flush_logs
 from sidegate.proxy.mock import Fault
 from sidegate.proxy.observability import LATENCY_BUCKETS, Metrics
-from tests.conftest import ADMIN_KEY, MERIDIAN_SECRET, Upstream
+from tests.conftest import ADMIN, ADMIN_KEY, MERIDIAN_SECRET, AiohttpClient, Upstream
 
 Client = TestClient[web.Request, web.Application]
 CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}
@@ -53,6 +58,90 @@ async def test_one_access_log_line_per_request_with_the_call(
     flat = repr(logs)
     assert MERIDIAN_SECRET not in flat
     assert ADMIN_KEY not in flat
+
+
+class _Order:
+    """What happened to each answer, in order: ``sent STATUS`` when aiohttp prepares it (its
+    ``on_response_prepare`` signal), ``line STATUS`` when the access line is processed."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def sent(self, request: web.Request, response: web.StreamResponse) -> None:
+        self.seen.append(f"sent {response.status}")
+
+    def line(self, _logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        if event["event"] == "request":
+            self.seen.append(f"line {event['status']}")
+        return event
+
+
+async def test_the_answer_leaves_before_its_access_line_is_written(
+    aiohttp_client: AiohttpClient, gateway_config: dict[str, Any]
+) -> None:
+    order = _Order()
+    app = create_app(SidegateConfig.model_validate(gateway_config))
+    app.on_response_prepare.append(order.sent)
+    client = await aiohttp_client(app, headers=ADMIN)
+    with capture_logs(processors=[order.line]):
+        answered = await client.post("/v1/chat/completions", json=CHAT)
+        assert answered.status == 200
+        await answered.read()
+        refused = await client.get("/v1/nowhere")
+        assert refused.status == 404
+        await refused.read()
+    assert order.seen == ["sent 200", "line 200", "sent 404", "line 404"]
+
+
+@pytest.mark.parametrize("outer_middleware", [False, True])
+async def test_mounted_the_answer_leaves_first_only_where_no_middleware_could_change_it(
+    aiohttp_client: AiohttpClient, gateway_config: dict[str, Any], outer_middleware: bool
+) -> None:
+    @web.middleware
+    async def signed(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        response.headers["x-signed-by"] = "the host app"
+        return response
+
+    order = _Order()
+    host = web.Application(middlewares=[signed] if outer_middleware else [])
+    host.on_response_prepare.append(order.sent)
+    setup(host, SidegateConfig.model_validate(gateway_config))
+    client = await aiohttp_client(host, headers=ADMIN)
+    with capture_logs(processors=[order.line]):
+        answered = await client.post("/llm/v1/chat/completions", json=CHAT)
+        assert answered.status == 200
+        await answered.read()
+    if outer_middleware:  # the host's middleware still has the last word on the answer
+        assert answered.headers["x-signed-by"] == "the host app"
+        assert order.seen == ["line 200", "sent 200"]
+    else:
+        assert "x-signed-by" not in answered.headers
+        assert order.seen == ["sent 200", "line 200"]
+
+
+async def test_a_client_gone_as_its_answer_leaves_is_logged_and_the_gateway_serves_on(
+    aiohttp_client: AiohttpClient,
+    gateway_config: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def hang_up(request: web.Request, response: web.StreamResponse) -> None:
+        if request.headers.get("x-hang-up") and request.transport is not None:
+            request.transport.close()  # the client is gone by the time the answer is written
+
+    app = create_app(SidegateConfig.model_validate(gateway_config))
+    app.on_response_prepare.append(hang_up)
+    client = await aiohttp_client(app, headers=ADMIN)
+    caplog.set_level(logging.ERROR, logger="aiohttp")
+    with capture_logs() as logs:
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await client.post("/v1/chat/completions", json=CHAT, headers={"x-hang-up": "1"})
+        answered = await client.post("/v1/chat/completions", json=CHAT)
+        assert answered.status == 200
+        assert (await answered.json())["object"] == "chat.completion"
+    lines = [entry["status"] for entry in logs if entry["event"] == "request"]
+    assert lines == [200, 200]
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("aiohttp")] == []
 
 
 async def test_errors_are_logged_with_their_status(gateway: Client) -> None:
