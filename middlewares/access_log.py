@@ -87,13 +87,15 @@ def access_log_middleware(
     its next request, instead of before; a streamed answer, sent by its handler, always was. So
     the line's latency runs until the answer was handed to the connection. Measured on a VM whose
     idle CPU halts at once, at one request at a time: the full chain's process went to sleep
-    once a request instead of twice, and spent about 8% less CPU (bench/HISTORY.md, *VM O*).
+    about once a request instead of twice, and spent 5% less CPU a request (*VM O* in the
+    README's Performance section, or in bench/HISTORY.md once a later VM's block replaces it).
 
     ``observer`` is told the request's endpoint: ``endpoint`` when the caller binds one with the
     handler, else the matched resource's canonical path (``unmatched`` for none).
     """
 
     bound = _bound_request_id()
+    sends: dict[web.Application, bool] = {}  # per app its handlers are in: _last_word
 
     @web.middleware
     async def access_log(
@@ -116,8 +118,17 @@ def access_log_middleware(
             if not response.prepared:
                 if stamp is not None:
                     stamp(request, response)
-                if send and _last_word(request):
-                    await _send(request, response)
+                if send:
+                    app = request.app
+                    last_word = sends.get(app)
+                    if last_word is None:
+                        last_word = sends[app] = _last_word(request)
+                    if last_word:
+                        try:  # what aiohttp does once the handler returns
+                            await response.prepare(request)
+                            await response.write_eof()
+                        except ConnectionError:  # the client left: aiohttp meets it too, quietly
+                            pass
             return response
         finally:
             try:
@@ -149,21 +160,9 @@ def _bound_request_id() -> ContextVar[Any]:
 
 def _last_word(request: web.Request) -> bool:
     """Whether nothing outside the handler can change its answer: no app on the request's way
-    (the gateway, and any app it is mounted in) has a middleware."""
+    (the app its route is in, and any app that one is mounted in) has a middleware. Fixed for an
+    app once it serves (its parents and their middlewares are frozen by then): decided once."""
     return not any(app.middlewares for app in request.match_info.apps)
-
-
-async def _send(request: web.Request, response: web.StreamResponse) -> None:
-    """Send ``response`` (its headers, then its body) as aiohttp does once the handler returns.
-
-    A client gone meanwhile is left to aiohttp, which meets the same closed connection when it
-    finishes the response and ends the exchange quietly.
-    """
-    try:
-        await response.prepare(request)
-        await response.write_eof()
-    except ConnectionError:
-        pass
 
 
 def _enabled(logger: Any) -> bool:
