@@ -95,7 +95,7 @@ def access_log_middleware(
     """
 
     bound = _bound_request_id()
-    sends: dict[web.Application, bool] = {}  # per app its handlers are in: _last_word
+    sends: dict[web.Application, bool] = {}  # _last_word, decided once per app a route is in
 
     @web.middleware
     async def access_log(
