@@ -95,7 +95,6 @@ def access_log_middleware(
     """
 
     bound = _bound_request_id()
-    sends: dict[web.Application, bool] = {}  # _last_word, decided once per app a route is in
 
     @web.middleware
     async def access_log(
@@ -118,17 +117,12 @@ def access_log_middleware(
             if not response.prepared:
                 if stamp is not None:
                     stamp(request, response)
-                if send:
-                    app = request.app
-                    last_word = sends.get(app)
-                    if last_word is None:
-                        last_word = sends[app] = _last_word(request)
-                    if last_word:
-                        try:  # what aiohttp does once the handler returns
-                            await response.prepare(request)
-                            await response.write_eof()
-                        except ConnectionError:  # the client left: aiohttp meets it too, quietly
-                            pass
+                if send and _last_word(request):
+                    try:  # what aiohttp does once the handler returns
+                        await response.prepare(request)
+                        await response.write_eof()
+                    except ConnectionError:  # the client left: aiohttp meets it too, quietly
+                        pass
             return response
         finally:
             try:
@@ -160,8 +154,8 @@ def _bound_request_id() -> ContextVar[Any]:
 
 def _last_word(request: web.Request) -> bool:
     """Whether nothing outside the handler can change its answer: no app on the request's way
-    (the app its route is in, and any app that one is mounted in) has a middleware. Fixed for an
-    app once it serves (its parents and their middlewares are frozen by then): decided once."""
+    (the app its route is in, and any app that one is mounted in) has a middleware. Asked of
+    each answer it would send: 0.3 µs (remembered per app, as 8c49ee0 did: 0.15 µs)."""
     return not any(app.middlewares for app in request.match_info.apps)
 
 

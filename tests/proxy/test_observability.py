@@ -112,6 +112,7 @@ async def test_mounted_the_answer_leaves_first_only_where_no_middleware_could_ch
         answered = await client.post("/llm/v1/chat/completions", json=CHAT)
         assert answered.status == 200
         await answered.read()
+    assert answered.headers["x-request-id"]  # stamped before it was sent, either way
     if outer_middleware:  # the host's middleware still has the last word on the answer
         assert answered.headers["x-signed-by"] == "the host app"
         assert order.seen == ["line 200", "sent 200"]
