@@ -268,6 +268,30 @@ def verdicts(results: Results) -> list[list[str]]:
     return out
 
 
+def _cpu(machine: dict[str, Any]) -> str:
+    family, number = machine.get("cpu_family"), machine.get("cpu_model_number")
+    if family is None or number is None:
+        return str(machine["cpu_model"])
+    return f"{machine['cpu_model']}, family {family} model {number}"
+
+
+def _idle(machine: dict[str, Any]) -> str:
+    """How an idle CPU waits, and the time the hypervisor took: what makes a VM's c=1 rows."""
+    idle = machine.get("idle") or {}
+    driver, poll = idle.get("driver"), idle.get("guest_halt_poll_ns")
+    if driver is None:
+        waits = "no cpuidle driver"
+    elif driver == "haltpoll" and poll == "0":
+        waits = "cpuidle driver haltpoll, guest_halt_poll_ns 0 (an idle CPU halts at once)"
+    elif poll is not None:
+        waits = f"cpuidle driver {driver}, guest_halt_poll_ns {poll}"
+    else:
+        waits = f"cpuidle driver {driver}"
+    steal = machine.get("steal_since_boot") or {}
+    stolen = ", ".join(f"{cpu} {share:.2%}" for cpu, share in steal.items()) or "?"
+    return f"Idle CPUs: {waits}. Stolen by the hypervisor since boot: {stolen}."
+
+
 def render(results: Results, meta: dict[str, Any]) -> str:
     """The whole report as Markdown."""
     aggs = aggregate(results.measurements)
@@ -275,8 +299,9 @@ def render(results: Results, meta: dict[str, Any]) -> str:
     parts = [
         f"## sidegate benchmark — {meta['date']}",
         "",
-        f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}), {machine['kernel']}, "
+        f"Machine: {machine['cpus']} CPUs ({_cpu(machine)}), {machine['kernel']}, "
         f"Python {meta['python']}, aiohttp {meta['aiohttp']}; sidegate {meta['commit']}.",
+        _idle(machine),
         f"Command: `{meta['command']}`. {meta['runs']} run(s) × {meta['duration_s']:g} s per row "
         f"(after {meta['warmup_s']:g} s warm-up), cut into {meta.get('slices', 1)} slices the "
         "targets take in turn; figures are medians over runs, ratios are taken within a run "

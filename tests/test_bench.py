@@ -28,7 +28,7 @@ from bench.knockout import main as knockout_main
 from bench.load import LoadResult, parse_wrk_output, render_lua
 from bench.passthrough import make_app
 from bench.profile import package_of, parse_collapsed
-from bench.report import fmt, render_table, verdicts
+from bench.report import fmt, render, render_table, verdicts
 from bench.runner import (
     ROWS,
     SECTIONS,
@@ -39,6 +39,7 @@ from bench.runner import (
     _Live,
     _merged,
     _Slice,
+    machine,
 )
 from bench.sidegate_setup import TEMPLATES, deep_merge, sidegate_env
 from bench.stats import median, percentile, ratio
@@ -616,6 +617,75 @@ def test_the_floors_scaling_is_reported_beside_the_workers_goal() -> None:
     assert rows["sidegate-bare --workers 2 req/s vs 1"][1:] == ["1.595×", "≥ 1.6×", "MISSED"]
     assert rows["the floor, 2 copies req/s vs 1 (reference)"][1] == "1.5×"
     assert "sidegate-full --workers 2 req/s vs 1" not in rows  # not measured: no verdict
+
+
+HALTS = "an idle CPU halts at once"
+
+
+def _fake_machine(root: Path, *, driver: str | None, poll: str | None) -> None:
+    (root / "proc").mkdir()
+    (root / "proc/cpuinfo").write_text(
+        "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\n"
+        "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+    )
+    (root / "proc/stat").write_text(
+        "cpu  10 0 10 60 0 0 0 20 0 0\n"
+        "cpu0 5 0 5 30 0 0 0 10 0 0\n"  # 10 stolen ticks of 50
+        "cpu1 5 0 5 30 0 0 0 0 0 0\n"
+        "intr 1234\n"
+    )
+    if driver is not None:
+        (root / "sys/devices/system/cpu/cpuidle").mkdir(parents=True)
+        (root / "sys/devices/system/cpu/cpuidle/current_driver").write_text(driver + "\n")
+    if poll is not None:
+        (root / "sys/module/haltpoll/parameters").mkdir(parents=True)
+        (root / "sys/module/haltpoll/parameters/guest_halt_poll_ns").write_text(poll + "\n")
+
+
+@pytest.mark.parametrize(
+    ("driver", "poll", "said"),
+    [
+        ("haltpoll", "0", f"cpuidle driver haltpoll, guest_halt_poll_ns 0 ({HALTS})"),
+        ("haltpoll", "200000", "cpuidle driver haltpoll, guest_halt_poll_ns 200000."),
+        ("intel_idle", None, "cpuidle driver intel_idle."),
+        (None, None, "no cpuidle driver."),
+    ],
+)
+def test_the_report_says_how_an_idle_cpu_waits_and_what_the_hypervisor_took(
+    tmp_path: Path, driver: str | None, poll: str | None, said: str
+) -> None:
+    _fake_machine(tmp_path, driver=driver, poll=poll)
+    described = machine(tmp_path)
+    assert (described["cpu_model"], described["cpu_family"], described["cpu_model_number"]) == (
+        "AMD EPYC",
+        "25",
+        "17",
+    )
+    assert described["steal_since_boot"] == {"cpu0": 0.2, "cpu1": 0.0}
+    meta = {
+        "date": "2026-12-05 17:00 UTC",
+        "machine": described,
+        "python": "3.11.7",
+        "aiohttp": "3.14.5",
+        "commit": "abc1234",
+        "command": "python -m bench",
+        "runs": 1,
+        "duration_s": 1.0,
+        "warmup_s": 1.0,
+        "pinning": "none",
+        "load_before": "0.0",
+    }
+    report = render(Results(), meta)
+    assert "CPUs (AMD EPYC, family 25 model 17)" in report
+    assert f"Idle CPUs: {said}" in report
+    assert "Stolen by the hypervisor since boot: cpu0 20.00%, cpu1 0.00%." in report
+
+
+def test_a_machine_without_proc_is_described_with_what_is_known(tmp_path: Path) -> None:
+    described = machine(tmp_path)
+    assert described["cpu_model"] == "?"
+    assert described["idle"] == {"driver": None, "guest_halt_poll_ns": None}
+    assert described["steal_since_boot"] == {}
 
 
 def test_the_report_names_the_loop_sidegate_serve_would_choose(
