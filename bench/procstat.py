@@ -28,6 +28,7 @@ __all__ = [
     "parse_core_ticks",
     "parse_stat_ticks",
     "parse_status_kb",
+    "parse_steal_shares",
     "sample_cpu",
     "tcp_sockets",
 ]
@@ -120,13 +121,30 @@ def parse_core_ticks(stat: str, cpu: int) -> tuple[int, int]:
     The fields are user, nice, system, idle, iowait, irq, softirq, steal (guest time is already
     counted in user); busy is all but idle and iowait, so stolen time counts as busy.
     """
-    prefix = f"cpu{cpu} "
+    values = _per_cpu(stat).get(f"cpu{cpu}")
+    if values is None:
+        raise ValueError(f"no cpu{cpu} line in /proc/stat")
+    total = sum(values)
+    return total - values[3] - values[4], total
+
+
+def parse_steal_shares(stat: str) -> dict[str, float]:
+    """``{"cpu0": share, ...}`` from the text of ``/proc/stat``: the share (0–1) of each CPU's
+    ticks since boot that the hypervisor took (steal)."""
+    return {
+        name: values[7] / total if (total := sum(values)) else 0.0
+        for name, values in _per_cpu(stat).items()
+    }
+
+
+def _per_cpu(stat: str) -> dict[str, list[int]]:
+    """Each CPU's first eight tick counts (``cpu0`` ...; not the ``cpu`` line that sums them)."""
+    out = {}
     for line in stat.splitlines():
-        if line.startswith(prefix):
-            values = [int(value) for value in line.split()[1:9]]
-            total = sum(values)
-            return total - values[3] - values[4], total
-    raise ValueError(f"no cpu{cpu} line in /proc/stat")
+        name, _, rest = line.partition(" ")
+        if name.startswith("cpu") and name != "cpu":
+            out[name] = [int(value) for value in rest.split()[:8]]
+    return out
 
 
 def core_ticks(cpu: int) -> tuple[int, int]:

@@ -31,7 +31,14 @@ from typing import Any
 import orjson
 
 from .load import LoadResult, render_lua, run_sse_client, run_wrk, ttfb_result
-from .procstat import TICKS_PER_S, core_ticks, memory_kb, other_share, sample_cpu
+from .procstat import (
+    TICKS_PER_S,
+    core_ticks,
+    memory_kb,
+    other_share,
+    parse_steal_shares,
+    sample_cpu,
+)
 from .sidegate_setup import Configs, render_configs, sidegate_env, workers_supported
 from .stats import median
 from .summary import Measurement
@@ -553,8 +560,8 @@ def machine(root: Path = Path("/")) -> dict[str, Any]:
 
     ``idle`` is the ``cpuidle`` driver (None without one) and, with the ``haltpoll`` driver,
     ``guest_halt_poll_ns``: 0 means an idle CPU halts at once, and waking it costs the woken
-    process CPU of its own (*VM P* in the README: at one request at a time, bare sidegate spent
-    1.20× the floor's CPU so, 1.07–1.12× with halt polling on). ``root`` is for tests.
+    process CPU of its own (*VM P* in the README: at one request at a time, 50–75 µs a request,
+    a quarter of the floor's CPU, against halt polling on). ``root`` is for tests.
     """
     info: dict[str, str] = {}
     try:
@@ -574,7 +581,7 @@ def machine(root: Path = Path("/")) -> dict[str, Any]:
             "driver": _read(root / "sys/devices/system/cpu/cpuidle/current_driver"),
             "guest_halt_poll_ns": _read(root / "sys/module/haltpoll/parameters/guest_halt_poll_ns"),
         },
-        "steal_since_boot": _steal(root),
+        "steal_since_boot": parse_steal_shares(_read(root / "proc/stat") or ""),
         "kernel": f"{uname.sysname} {uname.release}",
         "machine": uname.machine,
     }
@@ -585,15 +592,3 @@ def _read(path: Path) -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
-
-
-def _steal(root: Path) -> dict[str, float]:
-    """``{"cpu0": share, ...}``: each CPU's stolen ticks over its total since boot (0–1)."""
-    text = _read(root / "proc/stat") or ""
-    shares = {}
-    for line in text.splitlines():
-        name, *values = line.split()
-        if name.startswith("cpu") and name != "cpu" and len(values) >= 8:
-            ticks = [int(value) for value in values[:8]]
-            shares[name] = ticks[7] / sum(ticks) if sum(ticks) else 0.0
-    return shares
