@@ -276,7 +276,7 @@ def _cpu(machine: dict[str, Any]) -> str:
 
 
 def _idle(machine: dict[str, Any]) -> str:
-    """How an idle CPU waits, and the time the hypervisor took: what makes a VM's c=1 rows."""
+    """How an idle CPU waits, and the time the hypervisor took: what weighs on a VM's c=1 rows."""
     idle = machine.get("idle") or {}
     driver, poll = idle.get("driver"), idle.get("guest_halt_poll_ns")
     if driver is None:
