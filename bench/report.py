@@ -279,14 +279,11 @@ def _idle(machine: dict[str, Any]) -> str:
     """How an idle CPU waits, and the time the hypervisor took: what weighs on a VM's c=1 rows."""
     idle = machine.get("idle") or {}
     driver, poll = idle.get("driver"), idle.get("guest_halt_poll_ns")
-    if driver is None:
-        waits = "no cpuidle driver"
-    elif driver == "haltpoll" and poll == "0":
-        waits = "cpuidle driver haltpoll, guest_halt_poll_ns 0 (an idle CPU halts at once)"
-    elif poll is not None:
-        waits = f"cpuidle driver {driver}, guest_halt_poll_ns {poll}"
-    else:
-        waits = f"cpuidle driver {driver}"
+    waits = f"cpuidle driver {driver}" if driver is not None else "no cpuidle driver"
+    if poll is not None:
+        waits += f", guest_halt_poll_ns {poll}"
+        if driver == "haltpoll" and poll == "0":
+            waits += " (an idle CPU halts at once)"
     steal = machine.get("steal_since_boot") or {}
     stolen = ", ".join(f"{cpu} {share:.2%}" for cpu, share in steal.items()) or "?"
     return f"Idle CPUs: {waits}. Stolen by the hypervisor since boot: {stolen}."

@@ -564,12 +564,9 @@ def machine(root: Path = Path("/")) -> dict[str, Any]:
     a quarter of the floor's CPU, against halt polling on). ``root`` is for tests.
     """
     info: dict[str, str] = {}
-    try:
-        for line in (root / "proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            info.setdefault(name.strip(), value.strip())
-    except OSError:
-        pass
+    for line in (_read(root / "proc/cpuinfo") or "").splitlines():  # the first CPU's fields
+        name, _, value = line.partition(":")
+        info.setdefault(name.strip(), value.strip())
     uname = os.uname()
     return {
         "cpus": os.cpu_count(),
@@ -588,6 +585,7 @@ def machine(root: Path = Path("/")) -> dict[str, Any]:
 
 
 def _read(path: Path) -> str | None:
+    """The file's text, stripped; None when it is missing, unreadable or empty."""
     try:
         return path.read_text().strip() or None
     except OSError:
