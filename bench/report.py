@@ -282,8 +282,8 @@ def _idle(machine: dict[str, Any]) -> str:
     waits = f"cpuidle driver {driver}" if driver is not None else "no cpuidle driver"
     if poll is not None:
         waits += f", guest_halt_poll_ns {poll}"
-        if driver == "haltpoll" and poll == "0":
-            waits += " (an idle CPU halts at once)"
+    if idle.get("halts"):
+        waits += " (an idle CPU halts at once)"
     steal = machine.get("steal_since_boot") or {}
     stolen = ", ".join(f"{cpu} {share:.2%}" for cpu, share in steal.items()) or "?"
     return f"Idle CPUs: {waits}. Stolen by the hypervisor since boot: {stolen}."

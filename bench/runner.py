@@ -558,10 +558,14 @@ def machine(root: Path = Path("/")) -> dict[str, Any]:
     """Where the figures come from: CPUs, CPU model (and its family and model numbers), kernel,
     how an idle CPU waits, and the share of each CPU's time the hypervisor took since boot.
 
-    ``idle`` is the ``cpuidle`` driver (None without one) and, with the ``haltpoll`` driver,
-    ``guest_halt_poll_ns``: 0 means an idle CPU halts at once, and waking it costs the woken
-    process CPU of its own (*VM P* in the README: at one request at a time, 50–75 µs a request,
-    a quarter of the floor's CPU, against halt polling on). ``root`` is for tests.
+    ``idle`` is the ``cpuidle`` driver (None without one: the kernel then writes ``none``),
+    ``guest_halt_poll_ns`` only with the ``haltpoll`` driver (the module's parameter governs
+    nothing under another; VM Q had it at 200000 with no driver), and ``halts``: whether an idle
+    CPU halts at once — ``haltpoll`` with a poll of 0, or no driver on an x86 CPU without
+    ``monitor`` (the kernel's default idle is then ``HLT``), else None (not known). Waking a
+    halted CPU costs the woken process CPU of its own (*VM P* in the README: at one request at a
+    time, 50–75 µs a request, a quarter of the floor's CPU, against halt polling on). ``root`` is
+    for tests.
     """
     info: dict[str, str] = {}
     for line in (_read(root / "proc/cpuinfo") or "").splitlines():  # the first CPU's fields
@@ -574,14 +578,25 @@ def machine(root: Path = Path("/")) -> dict[str, Any]:
         "cpu_model": info.get("model name", "?"),
         "cpu_family": info.get("cpu family"),
         "cpu_model_number": info.get("model"),
-        "idle": {
-            "driver": _read(root / "sys/devices/system/cpu/cpuidle/current_driver"),
-            "guest_halt_poll_ns": _read(root / "sys/module/haltpoll/parameters/guest_halt_poll_ns"),
-        },
+        "idle": _idle(root, info),
         "steal_since_boot": parse_steal_shares(_read(root / "proc/stat") or ""),
         "kernel": f"{uname.sysname} {uname.release}",
         "machine": uname.machine,
     }
+
+
+def _idle(root: Path, cpu: dict[str, str]) -> dict[str, Any]:
+    """How an idle CPU waits (see :func:`machine`)."""
+    driver = _read(root / "sys/devices/system/cpu/cpuidle/current_driver")
+    driver = None if driver == "none" else driver
+    poll = None
+    halts = None
+    if driver == "haltpoll":
+        poll = _read(root / "sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        halts = True if poll == "0" else None
+    elif driver is None and "flags" in cpu and "monitor" not in cpu["flags"].split():
+        halts = True
+    return {"driver": driver, "guest_halt_poll_ns": poll, "halts": halts}
 
 
 def _read(path: Path) -> str | None:
