@@ -32,15 +32,20 @@ wait_for() {
 # and PID's utime and stime (/proc/PID/stat) over them, in µs a request. Answers other than 2xx
 # and 3xx (wrk counts them as requests) are reported on stderr: a knock-out that stops sidegate
 # doing its work (key_rotation out of a config with a key pool: no key, the mock answers 401)
-# measures the refusal, not the work.
+# measures the refusal, not the work. A fourth field, SLEEPS, is how often a request the main
+# thread went to sleep (its voluntary context switches, /proc/PID/status, to two decimals): at
+# c=1 every sleep is an idle CPU to wake again (VM P's *Sleeps* in the README).
 cpu_per_request() {
-  local url=http://127.0.0.1:$2/v1/chat/completions hz n u0 s0 u1 s1 out
+  local url=http://127.0.0.1:$2/v1/chat/completions hz n u0 s0 u1 s1 v0 v1 out
   hz=$(getconf CLK_TCK)
   taskset -c 1 wrk -t1 -c"$3" -d1s -s "$BENCH_CHAT_LUA" "$url" >/dev/null
   read -r u0 s0 < <(awk '{print $14, $15}' "/proc/$1/stat")
+  v0=$(awk '/^voluntary_ctxt_switches/ {print $2}' "/proc/$1/status")
   out=$(taskset -c 1 wrk -t1 -c"$3" -d"$4s" -s "$BENCH_CHAT_LUA" "$url")
   read -r u1 s1 < <(awk '{print $14, $15}' "/proc/$1/stat")
+  v1=$(awk '/^voluntary_ctxt_switches/ {print $2}' "/proc/$1/status")
   n=$(awk '/requests in/ {print $1}' <<<"$out")
   awk '/Non-2xx or 3xx/ {print "port '"$2"': " $NF " of the answers were not 2xx or 3xx" > "/dev/stderr"}' <<<"$out"
-  echo "$n $(( (u1 - u0) * 1000000 / hz / n )) $(( (s1 - s0) * 1000000 / hz / n ))"
+  echo "$n $(( (u1 - u0) * 1000000 / hz / n )) $(( (s1 - s0) * 1000000 / hz / n ))" \
+    "$(awk -v d=$((v1 - v0)) -v n="$n" 'BEGIN {printf "%.2f", d / n}')"
 }

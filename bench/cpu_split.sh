@@ -7,8 +7,9 @@
 # Starts the benchmark's mock upstream (CPU 1) and the three proxies (all on CPU 0, as
 # bench/instructions.sh runs them), then for each round sends wrk load to each in turn (1 s to
 # warm up, SECONDS measured, default 6) and prints utime and stime of /proc/<pid>/stat over the
-# requests completed, in µs. Where a CPU ratio runs above the instruction ratio, this says
-# whether the kernel's share is why. LOGLEVEL sets the full chain's level (info); FLOOR_LOOP
+# requests completed, in µs, and how often a request the proxy's main thread went to sleep.
+# Where a CPU ratio runs above the instruction ratio, this says whether the kernel's share is
+# why; at c=1 (C=1) the sleeps say how many idle wake-ups a request costs. LOGLEVEL sets the full chain's level (info); FLOOR_LOOP
 # (asyncio) and SIDEGATE_LOOP (auto) the event loops. Needs wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ for port in "$PORT" $((PORT + 1)) $((PORT + 2)); do wait_for "$port"; done
 for round in $(seq 1 "$ROUNDS"); do
   for target in "floor $FLOOR $PORT" "bare $BARE $((PORT + 1))" "full $FULL $((PORT + 2))"; do
     set -- $target
-    read -r n user system < <(cpu_per_request "$2" "$3" "$C" "$SECONDS_")
-    echo "round $round $1: $n requests, user $user µs, system $system µs a request"
+    read -r n user system sleeps < <(cpu_per_request "$2" "$3" "$C" "$SECONDS_")
+    echo "round $round $1: $n requests, user $user µs, system $system µs, $sleeps sleeps a request"
   done
 done

@@ -67,7 +67,7 @@ for round in $(seq 1 "$ROUNDS"); do
     start_all "$@"
   fi
   for i in "${!NAMES[@]}"; do
-    read -r _ user system < <(cpu_per_request "${PIDS[$i]}" $((PORT + i)) "$C" "$SECONDS_")
+    read -r _ user system _ < <(cpu_per_request "${PIDS[$i]}" $((PORT + i)) "$C" "$SECONDS_")
     printf 'round %s\t%s\t%s\n' "$round" "${NAMES[$i]}" "$((user + system))" >>"$WORK/rounds.tsv"
     echo "round $round: ${NAMES[$i]}: $((user + system)) µs a request"
   done
