@@ -563,9 +563,9 @@ def machine(root: Path = Path("/")) -> dict[str, Any]:
     nothing under another; VM Q had it at 200000 with no driver), and ``halts``: whether an idle
     CPU halts at once — ``haltpoll`` with a poll of 0, or no driver on an x86 CPU without
     ``monitor`` (the kernel's default idle is then ``HLT``), else None (not known). Waking a
-    halted CPU costs the woken process CPU of its own (*VM P* in the README: at one request at a
-    time, 50–75 µs a request, a quarter of the floor's CPU, against halt polling on). ``root`` is
-    for tests.
+    halted CPU costs the woken process CPU of its own (*VM P* in bench/HISTORY.md: at one
+    request at a time, 50–75 µs a request, a quarter of the floor's CPU, against halt polling
+    on). ``root`` is for tests.
     """
     info: dict[str, str] = {}
     for line in (_read(root / "proc/cpuinfo") or "").splitlines():  # the first CPU's fields
