@@ -12,7 +12,8 @@
 # each loaded in turn for SECONDS after a 1 s warm-up, and its utime + stime over the requests it
 # completed is its CPU per request. FLOOR_LOOP (asyncio) and SIDEGATE_LOOP (auto) choose the
 # event loops; LOGLEVEL the chain's level (bare: warning, full: info). The summary gives each
-# process's median and, for each one added, the median of its round-by-round difference to
+# process's median (and how often a request its main thread went to sleep: at c=1 each sleep is
+# an idle CPU woken again) and, for each one added, the median of its round-by-round difference to
 # sidegate as shipped (with the range): the figure to read on a machine that drifts. RESTART=N
 # starts every process afresh each N rounds (default 0: never). A process keeps its speed
 # relative to another for as long as it runs (address layout, hash seeds): one set of processes
@@ -67,25 +68,30 @@ for round in $(seq 1 "$ROUNDS"); do
     start_all "$@"
   fi
   for i in "${!NAMES[@]}"; do
-    read -r _ user system _ < <(cpu_per_request "${PIDS[$i]}" $((PORT + i)) "$C" "$SECONDS_")
-    printf 'round %s\t%s\t%s\n' "$round" "${NAMES[$i]}" "$((user + system))" >>"$WORK/rounds.tsv"
-    echo "round $round: ${NAMES[$i]}: $((user + system)) µs a request"
+    read -r _ user system sleeps < <(cpu_per_request "${PIDS[$i]}" $((PORT + i)) "$C" "$SECONDS_")
+    printf 'round %s\t%s\t%s\t%s\n' "$round" "${NAMES[$i]}" "$((user + system))" "$sleeps" \
+      >>"$WORK/rounds.tsv"
+    echo "round $round: ${NAMES[$i]}: $((user + system)) µs, $sleeps sleeps a request"
   done
 done
 stop_all
 # Medians per process, and each as a multiple of the floor's median.
 $PY - "$WORK/rounds.tsv" <<'PYTHON'
 import statistics, sys
-rows = {}
+rows, sleeps = {}, {}
 for line in open(sys.argv[1]):
-    _, name, us = line.rstrip("\n").split("\t")
+    _, name, us, slept = line.rstrip("\n").split("\t")
     rows.setdefault(name, []).append(int(us))
+    sleeps.setdefault(name, []).append(float(slept))
 names = list(rows)
 floor = statistics.median(rows["floor"])
 shipped = rows[names[1]]
 for name, values in rows.items():
     median = statistics.median(values)
-    print(f"median {name}: {median:.0f} µs a request, {median / floor:.2f}x the floor")
+    print(
+        f"median {name}: {median:.0f} µs a request, {median / floor:.2f}x the floor; "
+        f"{statistics.median(sleeps[name]):.2f} sleeps a request"
+    )
 for name in names[2:]:
     changes = [other - ours for ours, other in zip(shipped, rows[name], strict=True)]
     print(
