@@ -9,8 +9,9 @@
 # warm up, SECONDS measured, default 6) and prints utime and stime of /proc/<pid>/stat over the
 # requests completed, in µs, and how often a request the proxy's main thread went to sleep.
 # Where a CPU ratio runs above the instruction ratio, this says whether the kernel's share is
-# why; at c=1 (C=1) the sleeps say how many idle wake-ups a request costs. LOGLEVEL sets the full chain's level (info); FLOOR_LOOP
-# (asyncio) and SIDEGATE_LOOP (auto) the event loops. Needs wrk.
+# why; at c=1 (C=1) the sleeps say how many idle wake-ups a request costs. LOGLEVEL sets the
+# full chain's level (info); FLOOR_LOOP (asyncio) and SIDEGATE_LOOP (auto) the event loops.
+# Needs wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}; SECONDS_=${2:-6}; C=${3:-16}
