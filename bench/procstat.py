@@ -130,10 +130,12 @@ def parse_core_ticks(stat: str, cpu: int) -> tuple[int, int]:
 
 def parse_steal_shares(stat: str) -> dict[str, float]:
     """``{"cpu0": share, ...}`` from the text of ``/proc/stat``: the share (0–1) of each CPU's
-    ticks since boot that the hypervisor took (steal)."""
+    ticks since boot that the hypervisor took (steal). A CPU whose line has no steal field (the
+    eighth; kernels before 2.6.11) is left out rather than stopping the harness."""
     return {
         name: values[7] / total if (total := sum(values)) else 0.0
         for name, values in _per_cpu(stat).items()
+        if len(values) > 7
     }
 
 
