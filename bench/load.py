@@ -129,6 +129,22 @@ def run_sse_client(mode: str, url: str, cpus: str, *options: str) -> dict[str, A
     return result
 
 
+def cpu_speed_ms(cpus: str | None) -> float | None:
+    """:mod:`bench.calibrate` on ``cpus`` (None: unpinned): the milliseconds its fixed Python
+    work took there, or None when it could not run."""
+    command = [sys.executable, "-m", "bench.calibrate"]
+    if cpus:
+        command = ["taskset", "-c", cpus, *command]
+    cwd = Path(__file__).resolve().parents[1]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=60, check=True, cwd=cwd
+        )
+        return float(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
 def ttfb_result(data: dict[str, Any]) -> LoadResult:
     """A :class:`LoadResult` from the JSON of ``bench.sse_client ttfb``."""
     return LoadResult(

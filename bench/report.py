@@ -14,6 +14,9 @@ __all__ = ["fmt", "render", "render_table", "summary_json", "verdicts"]
 _MB = 1024.0
 NOISY_PCT = 10.0
 """A row whose proxy CPU spent this much (percent) on other work is flagged as noisy."""
+SPEED_SPREAD = 0.15
+"""A change this large (a share) in how fast the proxies' CPU ran Python within an invocation
+is noted (VM Q's round saw it halve, with no steal on record)."""
 
 
 def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
@@ -289,16 +292,42 @@ def _idle(machine: dict[str, Any]) -> str:
     return f"Idle CPUs: {waits}. Stolen by the hypervisor since boot: {stolen}."
 
 
+def _speed(results: Results) -> tuple[str | None, str | None]:
+    """The header's line on how fast the proxies' CPU ran Python before each row, and a note
+    when that changed by :data:`SPEED_SPREAD` or more within the invocation (None, None: not
+    measured)."""
+    taken = [(one["ms"], one["run"], one["row"]) for one in results.speed if one["ms"]]
+    if not taken:
+        return None, None
+    fastest, slowest = min(taken), max(taken)
+    spread = slowest[0] / fastest[0] - 1.0
+    line = (
+        "Python on the proxies' CPU before each row (`python -m bench.calibrate`, ms, best of 3): "
+        f"{fastest[0]:.1f}–{slowest[0]:.1f}, the slowest {spread:.0%} over the fastest."
+    )
+    if spread < SPEED_SPREAD:
+        return line, None
+    note = (
+        f"the proxies' CPU ran Python {spread:.0%} slower before run {slowest[1] + 1}'s "
+        f"{slowest[2]} than before run {fastest[1] + 1}'s {fastest[2]} (bench.calibrate): the "
+        "machine's speed changed during the invocation, so CPU ms/req of different rows and runs "
+        "do not compare as they stand; the ratios, taken within a run, do"
+    )
+    return line, note
+
+
 def render(results: Results, meta: dict[str, Any]) -> str:
     """The whole report as Markdown."""
     aggs = aggregate(results.measurements)
     machine = meta["machine"]
+    speed_line, speed_note = _speed(results)
     parts = [
         f"## sidegate benchmark — {meta['date']}",
         "",
         f"Machine: {machine['cpus']} CPUs ({_cpu(machine)}), {machine['kernel']}, "
         f"Python {meta['python']}, aiohttp {meta['aiohttp']}; sidegate {meta['commit']}.",
         _idle(machine),
+        *([speed_line] if speed_line else []),
         f"Command: `{meta['command']}`. {meta['runs']} run(s) × {meta['duration_s']:g} s per row "
         f"(after {meta['warmup_s']:g} s warm-up), cut into {meta.get('slices', 1)} slices the "
         "targets take in turn; figures are medians over runs, ratios are taken within a run "
@@ -346,6 +375,8 @@ def render(results: Results, meta: dict[str, Any]) -> str:
         for agg in aggs.values()
         if (other := agg.get("other_cpu_pct")) is not None and other >= NOISY_PCT
     ]
+    if speed_note:
+        notes.append(speed_note)
     if noisy:
         notes.append(
             f"noisy rows (CPU0 other ≥ {NOISY_PCT:g}%: something else ran on the proxy's CPU), "
@@ -383,6 +414,7 @@ def summary_json(results: Results, meta: dict[str, Any]) -> dict[str, Any]:
             target: _workers_scale(results, target) for target in TARGETS if target != "direct"
         },
         "store_written": results.store_written,
+        "speed": results.speed,
         "log_counts": results.log_counts,
         "verdicts": verdicts(results),
         "notes": results.notes,

@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from .load import LoadResult, render_lua, run_sse_client, run_wrk, ttfb_result
+from .load import LoadResult, cpu_speed_ms, render_lua, run_sse_client, run_wrk, ttfb_result
 from .procstat import (
     TICKS_PER_S,
     core_ticks,
@@ -121,6 +121,9 @@ class Results:
     """Per sidegate target: access-log lines, and unhandled errors by where they were raised."""
     store_written: bool | None = None
     """Whether sidegate-full wrote its sqlite store (None: not run)."""
+    speed: list[dict[str, Any]] = field(default_factory=list)
+    """Before each row of each run: ``{"run", "row", "ms"}``, what :mod:`bench.calibrate` took
+    on the proxies' CPU (how fast it ran Python then; None when it could not run)."""
 
 
 @dataclass
@@ -172,6 +175,8 @@ def _one_run(ctx: _Context, index: int) -> None:
                 live.append(started)
         for row in ROWS:
             if row.name in options.rows and live:
+                speed = cpu_speed_ms(options.proxy_cpus)
+                results.speed.append({"run": index, "row": row.name, "ms": speed})
                 for m in _measure_row(ctx, row, live, index, upstream):
                     results.measurements.append(m)
                     rps = f"{m.rps:,.0f}" if m.rps else "?"

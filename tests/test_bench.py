@@ -25,7 +25,7 @@ from bench import procstat, sse_client, targets
 from bench.cli import select
 from bench.knockout import create_knocked_out
 from bench.knockout import main as knockout_main
-from bench.load import LoadResult, parse_wrk_output, render_lua
+from bench.load import LoadResult, cpu_speed_ms, parse_wrk_output, render_lua
 from bench.passthrough import make_app
 from bench.profile import package_of, parse_collapsed
 from bench.report import fmt, render, render_table, verdicts
@@ -689,6 +689,62 @@ def test_the_report_says_how_an_idle_cpu_waits_and_what_the_hypervisor_took(
     assert "CPUs (AMD EPYC, family 25 model 17)" in report
     assert f"Idle CPUs: {said}" in report
     assert "Stolen by the hypervisor since boot: cpu0 20.00%, cpu1 0.00%." in report
+
+
+def _meta(described: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "date": "2026-12-05 17:00 UTC",
+        "machine": described,
+        "python": "3.11.7",
+        "aiohttp": "3.14.5",
+        "commit": "abc1234",
+        "command": "python -m bench",
+        "runs": 2,
+        "duration_s": 1.0,
+        "warmup_s": 1.0,
+        "pinning": "none",
+        "load_before": "0.0",
+    }
+
+
+def test_the_cpus_speed_is_measured_where_asked_and_none_when_it_cannot_be() -> None:
+    ms = cpu_speed_ms(str(min(os.sched_getaffinity(0))))
+    assert ms is not None
+    assert ms > 0
+    assert cpu_speed_ms("4096") is None  # no such CPU: taskset refuses
+
+
+@pytest.mark.parametrize(
+    ("speeds", "line", "note"),
+    [
+        ([20.0, 21.0, 20.5], "20.0–21.0, the slowest 5% over the fastest.", None),
+        (
+            [20.0, 21.0, 40.0],
+            "20.0–40.0, the slowest 100% over the fastest.",
+            "ran Python 100% slower before run 2's chat-c64 than before run 1's chat-c1",
+        ),
+        ([None, None, None], None, None),  # bench.calibrate could not run: nothing said
+    ],
+)
+def test_a_change_in_the_machines_speed_within_an_invocation_is_noted(
+    tmp_path: Path, speeds: list[float | None], line: str | None, note: str | None
+) -> None:
+    results = Results()
+    results.speed = [
+        {"run": run, "row": row, "ms": ms}
+        for (run, row), ms in zip(
+            [(0, "chat-c1"), (1, "chat-c1"), (1, "chat-c64")], speeds, strict=True
+        )
+    ]
+    report = render(results, _meta(machine(tmp_path)))
+    header = "Python on the proxies' CPU before each row"
+    if line is None:
+        assert header not in report
+    else:
+        assert f"{header} (`python -m bench.calibrate`, ms, best of 3): {line}" in report
+    assert ("the machine's speed changed during the invocation" in report) == (note is not None)
+    if note is not None:
+        assert note in report
 
 
 def test_a_machine_without_proc_is_described_with_what_is_known(tmp_path: Path) -> None:
