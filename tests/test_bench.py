@@ -648,6 +648,22 @@ def _fake_machine(root: Path, *, driver: str | None, poll: str | None, flags: st
         (root / "sys/module/haltpoll/parameters/guest_halt_poll_ns").write_text(poll + "\n")
 
 
+def _meta(described: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "date": "2026-12-05 17:00 UTC",
+        "machine": described,
+        "python": "3.11.7",
+        "aiohttp": "3.14.5",
+        "commit": "abc1234",
+        "command": "python -m bench",
+        "runs": 2,
+        "duration_s": 1.0,
+        "warmup_s": 1.0,
+        "pinning": "none",
+        "load_before": "0.0",
+    }
+
+
 @pytest.mark.parametrize(
     ("driver", "poll", "flags", "said"),
     [
@@ -672,39 +688,10 @@ def test_the_report_says_how_an_idle_cpu_waits_and_what_the_hypervisor_took(
         "17",
     )
     assert described["steal_since_boot"] == {"cpu0": 0.2, "cpu1": 0.0}
-    meta = {
-        "date": "2026-12-05 17:00 UTC",
-        "machine": described,
-        "python": "3.11.7",
-        "aiohttp": "3.14.5",
-        "commit": "abc1234",
-        "command": "python -m bench",
-        "runs": 1,
-        "duration_s": 1.0,
-        "warmup_s": 1.0,
-        "pinning": "none",
-        "load_before": "0.0",
-    }
-    report = render(Results(), meta)
+    report = render(Results(), _meta(described))
     assert "CPUs (AMD EPYC, family 25 model 17)" in report
     assert f"Idle CPUs: {said}" in report
     assert "Stolen by the hypervisor since boot: cpu0 20.00%, cpu1 0.00%." in report
-
-
-def _meta(described: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "date": "2026-12-05 17:00 UTC",
-        "machine": described,
-        "python": "3.11.7",
-        "aiohttp": "3.14.5",
-        "commit": "abc1234",
-        "command": "python -m bench",
-        "runs": 2,
-        "duration_s": 1.0,
-        "warmup_s": 1.0,
-        "pinning": "none",
-        "load_before": "0.0",
-    }
 
 
 def test_the_cpus_speed_is_measured_where_asked_and_none_when_it_cannot_be() -> None:
