@@ -3,7 +3,7 @@
 # stopped; KEEP=DIR copies callgrind's output there first), a port UP for the mock and a base
 # port PORT for the proxies, the harness's own configs, environment and chat wrk script (python
 # -m bench.sidegate_setup): BENCH_BARE, BENCH_FULL, BENCH_CHAT_LUA and the BENCH_* the configs
-# interpolate; and wait_for and cpu_per_request (below). BUSY=1 keeps CPU 0 busy (below).
+# interpolate; and wait_for, speed_ms and cpu_per_request (below). BUSY=1 keeps CPU 0 busy (below).
 PY=.venv/bin/python
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -n "${KEEP:-}" ] && cp "$WORK"/cg.out* "$KEEP"/ ; rm -rf "$WORK"' EXIT
@@ -25,6 +25,12 @@ wait_for() {
     sleep 0.2
   done
   return 1
+}
+
+# speed_ms: how fast CPU 0 runs Python now (python -m bench.calibrate: CPU ms for a fixed loop,
+# best of three; a VM's speed can change from one minute to the next, see *VM Q* in the README).
+speed_ms() {
+  taskset -c 0 $PY -m bench.calibrate
 }
 
 # cpu_per_request PID PORT C SECONDS: load PORT's chat endpoint with wrk at concurrency C (1 s to

@@ -9,7 +9,8 @@
 # warm up, SECONDS measured, default 6) and prints utime and stime of /proc/<pid>/stat over the
 # requests completed, in µs, and how often a request the proxy's main thread went to sleep.
 # Where a CPU ratio runs above the instruction ratio, this says whether the kernel's share is
-# why; at c=1 (C=1) the sleeps say how many idle wake-ups a request costs. LOGLEVEL sets the
+# why; at c=1 (C=1) the sleeps say how many idle wake-ups a request costs. Each round starts by
+# timing python -m bench.calibrate on CPU 0: how fast the machine was then. LOGLEVEL sets the
 # full chain's level (info); FLOOR_LOOP (asyncio) and SIDEGATE_LOOP (auto) the event loops.
 # Needs wrk.
 set -euo pipefail
@@ -29,6 +30,7 @@ taskset -c 0 .venv/bin/sidegate serve --config "$BENCH_FULL" --port $((PORT + 2)
 FULL=$!
 for port in "$PORT" $((PORT + 1)) $((PORT + 2)); do wait_for "$port"; done
 for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round: CPU 0 ran the calibration loop in $(speed_ms) ms"
   for target in "floor $FLOOR $PORT" "bare $BARE $((PORT + 1))" "full $FULL $((PORT + 2))"; do
     set -- $target
     read -r n user system sleeps < <(cpu_per_request "$2" "$3" "$C" "$SECONDS_")

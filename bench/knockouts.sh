@@ -15,7 +15,10 @@
 # process's median (and how often a request its main thread went to sleep: at c=1 each sleep is
 # an idle CPU woken again) and, for each one added, the median of its round-by-round difference to
 # sidegate as shipped (with the range): the figure to read on a machine that drifts. RESTART=N
-# starts every process afresh each N rounds (default 0: never). A process keeps its speed
+# starts every process afresh each N rounds (default 0: never). Each round starts by timing
+# python -m bench.calibrate on CPU 0 (speed_ms), and the summary gives the range: a round much
+# slower than the others ran on a slower machine, and its differences are the ones to trust, not
+# its absolute figures. A process keeps its speed
 # relative to another for as long as it runs (address layout, hash seeds): one set of processes
 # can differ from the next by more than a change, so an A/B wants several, e.g. RESTART=2 with
 # 12 rounds compares six pairs. Needs wrk.
@@ -62,11 +65,14 @@ stop_all() {
   wait "${PIDS[@]}" 2>/dev/null || true
   PIDS=()
 }
+SPEEDS=()
 for round in $(seq 1 "$ROUNDS"); do
   if [ ${#PIDS[@]} -eq 0 ] || { [ "${RESTART:-0}" -gt 0 ] && [ $(( (round - 1) % RESTART )) -eq 0 ] && [ "$round" -gt 1 ]; }; then
     stop_all
     start_all "$@"
   fi
+  SPEEDS+=("$(speed_ms)")
+  echo "round $round: CPU 0 ran the calibration loop in ${SPEEDS[-1]} ms"
   for i in "${!NAMES[@]}"; do
     read -r _ user system sleeps < <(cpu_per_request "${PIDS[$i]}" $((PORT + i)) "$C" "$SECONDS_")
     printf 'round %s\t%s\t%s\t%s\n' "$round" "${NAMES[$i]}" "$((user + system))" "$sleeps" \
@@ -75,6 +81,8 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 stop_all
+printf '%s\n' "${SPEEDS[@]}" | sort -n | awk 'NR == 1 {low = $1} {high = $1}
+  END {printf "CPU 0 ran the calibration loop in %s to %s ms over the rounds\n", low, high}'
 # Medians per process, and each as a multiple of the floor's median.
 $PY - "$WORK/rounds.tsv" <<'PYTHON'
 import statistics, sys
