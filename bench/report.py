@@ -310,8 +310,9 @@ def _speed(results: Results) -> tuple[str | None, str | None]:
     note = (
         f"the proxies' CPU ran Python {spread:.0%} slower before run {slowest[1] + 1}'s "
         f"{slowest[2]} than before run {fastest[1] + 1}'s {fastest[2]} (bench.calibrate): the "
-        "machine's speed changed during the invocation, so CPU ms/req of different rows and runs "
-        "do not compare as they stand; the ratios, taken within a run, do"
+        "machine's speed changed during the invocation, for how long one reading a row cannot "
+        "say; set CPU ms/req of different rows and runs side by side with care (the ratios, "
+        "taken within a run from interleaved slices, are what such a change leaves alone)"
     )
     return line, note
 
