@@ -65,14 +65,14 @@ stop_all() {
   wait "${PIDS[@]}" 2>/dev/null || true
   PIDS=()
 }
-SPEEDS=()
 for round in $(seq 1 "$ROUNDS"); do
   if [ ${#PIDS[@]} -eq 0 ] || { [ "${RESTART:-0}" -gt 0 ] && [ $(( (round - 1) % RESTART )) -eq 0 ] && [ "$round" -gt 1 ]; }; then
     stop_all
     start_all "$@"
   fi
-  SPEEDS+=("$(speed_ms)")
-  echo "round $round: CPU 0 ran the calibration loop in ${SPEEDS[-1]} ms"
+  speed=$(speed_ms)
+  echo "$speed" >>"$WORK/speeds"
+  echo "round $round: CPU 0 ran the calibration loop in $speed ms"
   for i in "${!NAMES[@]}"; do
     read -r _ user system sleeps < <(cpu_per_request "${PIDS[$i]}" $((PORT + i)) "$C" "$SECONDS_")
     printf 'round %s\t%s\t%s\t%s\n' "$round" "${NAMES[$i]}" "$((user + system))" "$sleeps" \
@@ -81,11 +81,11 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 stop_all
-printf '%s\n' "${SPEEDS[@]}" | sort -n | awk 'NR == 1 {low = $1} {high = $1}
-  END {printf "CPU 0 ran the calibration loop in %s to %s ms over the rounds\n", low, high}'
-# Medians per process, and each as a multiple of the floor's median.
-$PY - "$WORK/rounds.tsv" <<'PYTHON'
+# The calibration loop's range; medians per process, each as a multiple of the floor's.
+$PY - "$WORK/rounds.tsv" "$WORK/speeds" <<'PYTHON'
 import statistics, sys
+speeds = [float(line) for line in open(sys.argv[2])]
+print(f"CPU 0 ran the calibration loop in {min(speeds)} to {max(speeds)} ms over the rounds")
 rows, sleeps = {}, {}
 for line in open(sys.argv[1]):
     _, name, us, slept = line.rstrip("\n").split("\t")

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from .targets import REPO
 from .workloads import BENCH_KEY, Workload
 
 __all__ = [
@@ -119,9 +120,8 @@ def run_sse_client(mode: str, url: str, cpus: str, *options: str) -> dict[str, A
     """Run :mod:`bench.sse_client` pinned to ``cpus``; returns the JSON it printed."""
     command = ["taskset", "-c", cpus, sys.executable, "-m", "bench.sse_client", mode]
     command += ["--url", url, *options]
-    cwd = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, check=False, cwd=cwd
+        command, capture_output=True, text=True, timeout=600, check=False, cwd=REPO
     )
     if done.returncode != 0:
         raise RuntimeError(f"the SSE client failed ({done.returncode}): {done.stderr.strip()}")
@@ -135,10 +135,9 @@ def cpu_speed_ms(cpus: str | None) -> float | None:
     command = [sys.executable, "-m", "bench.calibrate"]
     if cpus:
         command = ["taskset", "-c", cpus, *command]
-    cwd = Path(__file__).resolve().parents[1]
     try:
         done = subprocess.run(
-            command, capture_output=True, text=True, timeout=60, check=True, cwd=cwd
+            command, capture_output=True, text=True, timeout=60, check=True, cwd=REPO
         )
         return float(done.stdout)
     except (OSError, subprocess.SubprocessError, ValueError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .calibrate import ROUNDS as CALIBRATION_ROUNDS
 from .runner import ROWS, TARGETS, Results
 from .stats import median, ratio
 from .summary import FLOOR, Aggregate, aggregate
@@ -302,7 +303,8 @@ def _speed(results: Results) -> tuple[str | None, str | None]:
     fastest, slowest = min(taken), max(taken)
     spread = slowest[0] / fastest[0] - 1.0
     line = (
-        "Python on the proxies' CPU before each row (`python -m bench.calibrate`, ms, best of 3): "
+        "Python on the proxies' CPU before each row (`python -m bench.calibrate`, ms, best of "
+        f"{CALIBRATION_ROUNDS}): "
         f"{fastest[0]:.1f}–{slowest[0]:.1f}, the slowest {spread:.0%} over the fastest."
     )
     if spread < SPEED_SPREAD:
