@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from bench.procstat import cpu_ms_per_request, sample_cpu
+from bench.procstat import TICKS_PER_S, cpu_ms_per_request, sample_cpu
 from bench.stats import percentile
 
 KEY = "sg-bench-embeddings-cache-key-000000000000000"
@@ -153,6 +153,16 @@ async def _case(
     }
 
 
+def resolution_note(n: int, ticks_per_s: int = TICKS_PER_S) -> str:
+    """What one CPU tick is worth a request over ``n`` requests: two cases closer than that are
+    not told apart (the kernel counts a process's CPU in whole ticks)."""
+    tick_ms = 1000.0 / ticks_per_s
+    return (
+        f"CPU is counted in ticks of {tick_ms:g} ms: {tick_ms / n:.3f} ms a request over {n} "
+        "requests; cases closer than that are not told apart"
+    )
+
+
 async def _bytes_per_vector(keep_text: bool) -> float:
     from sidegate.middlewares.embeddings_cache import MemoryVectorCache
     from sidegate.middlewares.embeddings_cache_codec import stored
@@ -201,6 +211,7 @@ async def _run(n: int, pin: bool) -> None:
         finally:
             shutil.rmtree(directory, ignore_errors=True)
     print(f"16 items x 1536 dimensions, {n} sequential requests per case")
+    print(resolution_note(n))
     print(
         f"{'float_answers':<14}{'encoding':<9}{'case':<18}{'gateway CPU ms/req':>19}"
         f"{'p50 ms':>9}{'p99 ms':>9}"
@@ -220,7 +231,9 @@ async def _run(n: int, pin: bool) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.embeddings_cache", description=__doc__)
-    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument(
+        "--requests", type=int, default=2000, help="per case (default 2000: 0.005 ms a tick)"
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     args = parser.parse_args()
     asyncio.run(_run(args.requests, pin=not args.no_pin and shutil.which("taskset") is not None))

@@ -23,6 +23,7 @@ import yaml
 
 from bench import procstat, sse_client, targets
 from bench.cli import select
+from bench.embeddings_cache import resolution_note
 from bench.knockout import create_knocked_out
 from bench.knockout import main as knockout_main
 from bench.load import LoadResult, cpu_speed_ms, parse_wrk_output, render_lua
@@ -83,6 +84,13 @@ def test_cpu_ms_per_request_from_two_samples() -> None:
     after = procstat.CpuSample(1_250, ticks_per_s=100)  # 2.5 s of CPU
     assert procstat.cpu_ms_per_request(before, after, 1_000) == pytest.approx(2.5)
     assert procstat.cpu_ms_per_request(before, after, 0) is None
+
+
+def test_the_embeddings_benchmark_says_what_a_cpu_tick_is_worth_a_request() -> None:
+    # 500 requests at 100 ticks a second: 0.48 against 0.50 ms is one tick apart.
+    assert "ticks of 10 ms: 0.020 ms a request over 500" in resolution_note(500, 100)
+    assert "0.005 ms a request over 2000" in resolution_note(2000, 100)
+    assert "ticks of 4 ms: 0.002 ms a request over 2000" in resolution_note(2000, 250)
 
 
 def test_the_noise_on_the_proxys_cpu_is_what_it_did_besides_the_proxy() -> None:
