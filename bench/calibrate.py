@@ -3,11 +3,11 @@
 Prints the CPU milliseconds a fixed piece of interpreter work takes (dict stores, string
 formatting, integer arithmetic: the kind of work a proxy's Python does), the best of three. The
 harness runs it on the proxies' CPU before every row of every run: a VM's speed can change within
-an invocation with nothing in the guest's own accounting to show it (VM Q's round, README: from one
-minute to the next the same processes spent twice the CPU a request, with no time stolen by the
-hypervisor on record), and the spread of these figures over an invocation says whether its rows'
-absolute figures can be set side by side. The ratios, taken within a run from interleaved slices,
-are what such a change leaves alone.
+an invocation with nothing in the guest's own accounting to show it (VM Q's round, bench/HISTORY.md:
+from one minute to the next the same processes spent twice the CPU a request, with no time stolen
+by the hypervisor on record), and the spread of these figures over an invocation says whether its
+rows' absolute figures can be set side by side. The ratios, taken within a run from interleaved
+slices, are what such a change leaves alone.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ wait_for() {
 }
 
 # speed_ms: how fast CPU 0 runs Python now (python -m bench.calibrate: CPU ms for a fixed loop,
-# best of three; a VM's speed can change from one minute to the next, see *VM Q* in the README).
+# best of three; a VM's speed can change from one minute to the next, see *VM Q* in bench/HISTORY.md).
 speed_ms() {
   taskset -c 0 $PY -m bench.calibrate
 }
@@ -40,7 +40,7 @@ speed_ms() {
 # doing its work (key_rotation out of a config with a key pool: no key, the mock answers 401)
 # measures the refusal, not the work. A fourth field, SLEEPS, is how often a request the main
 # thread went to sleep (its voluntary context switches, /proc/PID/status, to two decimals): at
-# c=1 every sleep is an idle CPU to wake again (*VM P* in bench/HISTORY.md, *VM Q* in the README).
+# c=1 every sleep is an idle CPU to wake again (*VM P* and *VM Q* in bench/HISTORY.md).
 cpu_per_request() {
   local url=http://127.0.0.1:$2/v1/chat/completions hz n u0 s0 u1 s1 v0 v1 out
   hz=$(getconf CLK_TCK)
