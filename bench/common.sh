@@ -28,7 +28,8 @@ wait_for() {
 }
 
 # speed_ms: how fast CPU 0 runs Python now (python -m bench.calibrate: CPU ms for a fixed loop,
-# best of three; a VM's speed can change from one minute to the next, see *VM Q* in bench/HISTORY.md).
+# best of three; a VM's speed can change from one minute to the next, see *VM Q* in
+# bench/HISTORY.md).
 speed_ms() {
   taskset -c 0 $PY -m bench.calibrate
 }
