@@ -36,3 +36,35 @@ def test_config_imports_without_aiohttp() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def _modules_after(code: str) -> set[str]:
+    script = f"import sys\n{code}\nprint(' '.join(sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    return set(result.stdout.split())
+
+
+def test_sqlite_is_loaded_only_for_a_sqlite_store(tmp_path: Path) -> None:
+    upstreams = (
+        "upstreams: {m: {kind: meridian, base_url: 'http://127.0.0.1:9',"
+        " keys: [{id: k, secret: sk-test-0000000000}], models: [m-1]}}\n"
+    )
+    stores = {"memory": "{kind: memory}", "sqlite": f"{{kind: sqlite, path: '{tmp_path}/s.db'}}"}
+    for kind, store in stores.items():
+        config = tmp_path / f"{kind}.yaml"
+        config.write_text(f"store: {store}\n{upstreams}")
+        modules = _modules_after(f"from sidegate import create_app\ncreate_app({str(config)!r})")
+        assert ("sqlite3" in modules) is (kind == "sqlite"), kind
+
+
+def test_the_sqlite_backend_is_still_a_public_name_of_the_store_package() -> None:
+    modules = _modules_after(
+        "from sidegate.middlewares.store import SqliteStores\nprint(SqliteStores.__name__)"
+    )
+    assert "sqlite3" in modules
+    from sidegate.middlewares import store
+
+    assert store.SqliteStores.__name__ == "SqliteStores"
+    assert "SqliteStores" in store.__all__
