@@ -106,12 +106,12 @@ def test_the_noise_on_the_proxys_cpu_is_what_it_did_besides_the_proxy() -> None:
     # 1000 ticks elapsed, 900 busy, 800 of them the proxy's own: 10% went elsewhere.
     assert procstat.other_share((0, 0), (900, 1000), 800) == pytest.approx(0.1)
     assert procstat.other_share((0, 0), (900, 1000), 950) == 0.0
+    assert procstat.other_share((5, 5), (5, 5), 0) is None
 
 
 def test_a_cpu_line_without_a_steal_field_is_left_out_of_the_steal_shares() -> None:
     stat = "cpu  900 0 300 5000\ncpu0 400 0 100 1970 5 0 0 25\ncpu1 500 0 200 3000\n"
     assert procstat.parse_steal_shares(stat) == {"cpu0": 0.01}
-    assert procstat.other_share((5, 5), (5, 5), 0) is None
 
 
 def test_py_spy_stacks_are_summed_by_their_innermost_frame() -> None:

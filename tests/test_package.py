@@ -50,7 +50,11 @@ def test_sqlite_is_loaded_only_for_a_sqlite_store(tmp_path: Path) -> None:
         "upstreams: {m: {kind: meridian, base_url: 'http://127.0.0.1:9',"
         " keys: [{id: k, secret: sk-test-0000000000}], models: [m-1]}}\n"
     )
-    stores = {"memory": "{kind: memory}", "sqlite": f"{{kind: sqlite, path: '{tmp_path}/s.db'}}"}
+    stores = {
+        "memory": "{kind: memory}",
+        "redis": "{kind: redis, url: 'redis://127.0.0.1:6379/15'}",  # built, never connected
+        "sqlite": f"{{kind: sqlite, path: '{tmp_path}/s.db'}}",
+    }
     for kind, store in stores.items():
         config = tmp_path / f"{kind}.yaml"
         config.write_text(f"store: {store}\n{upstreams}")

@@ -30,9 +30,10 @@ async def open_stores(
     """Open the ``kind`` backend: ``sqlite`` at ``path``, ``redis`` at ``url``; close it with
     ``await stores.close()``.
 
-    ``redis`` is imported only here, and a missing ``redis`` extra is an ImportError naming it;
-    so is the SQLite backend (``sqlite3`` and its modules: about 1 MB of a memory-store process's
-    RSS that it never uses).
+    ``redis`` is imported only here, and a missing ``redis`` extra is an ImportError naming it.
+    The SQLite backend too is imported only when asked for (here, by the package's lazy
+    ``SqliteStores``, or by ``create_app`` for a sqlite config): ``sqlite3`` and its modules are
+    about 1 MB of a memory- or Redis-store process's RSS that it never uses.
     Opening Redis does not connect; the first operation (or :meth:`Stores.ping`) does, and an
     unreachable store raises :class:`StoreUnavailable` then. A Redis client made from ``url``
     retries once without backoff (``redis_options`` overrides that and :data:`REDIS_DEFAULTS`).
