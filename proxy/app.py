@@ -61,7 +61,8 @@ def create_app(
     if isinstance(loaded.store, SqliteStore):
         # The backend is imported only for a store that needs it (a memory-store gateway is about
         # 1 MB smaller without sqlite3), and then now, with the rest of start-up: imported when the
-        # store opens, inside the running loop, it left the process 0.2–0.3 MB larger (VM R).
+        # store opens, inside the running loop, it left the process 0.2–0.3 MB larger (VM R in
+        # bench/HISTORY.md).
         importlib.import_module("sidegate.middlewares.store.sqlite")
     metrics = Metrics()
     app = web.Application(handler_args={"max_field_size": 65536})
