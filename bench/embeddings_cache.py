@@ -153,12 +153,21 @@ async def _case(
     }
 
 
+DEFAULT_REQUESTS = 2000  # a case: enough that one CPU tick is worth little a request
+
+
+def tick_ms_a_request(n: int, ticks_per_s: int = TICKS_PER_S) -> float:
+    """What one CPU tick is worth a request over ``n`` requests (the kernel counts a process's
+    CPU in whole ticks)."""
+    return 1000.0 / ticks_per_s / n
+
+
 def resolution_note(n: int, ticks_per_s: int = TICKS_PER_S) -> str:
     """What one CPU tick is worth a request over ``n`` requests: two cases closer than that are
-    not told apart (the kernel counts a process's CPU in whole ticks)."""
-    tick_ms = 1000.0 / ticks_per_s
+    not told apart."""
     return (
-        f"CPU is counted in ticks of {tick_ms:g} ms: {tick_ms / n:.3f} ms a request over {n} "
+        f"CPU is counted in ticks of {1000.0 / ticks_per_s:g} ms: "
+        f"{tick_ms_a_request(n, ticks_per_s):.3f} ms a request over {n} "
         "requests; cases closer than that are not told apart"
     )
 
@@ -234,8 +243,9 @@ def main() -> int:
     parser.add_argument(
         "--requests",
         type=int,
-        default=2000,
-        help=f"per case (default 2000: {1000 / TICKS_PER_S / 2000:g} ms a tick here)",
+        default=DEFAULT_REQUESTS,
+        help=f"per case (default {DEFAULT_REQUESTS}: "
+        f"{tick_ms_a_request(DEFAULT_REQUESTS):g} ms a tick here)",
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     args = parser.parse_args()
