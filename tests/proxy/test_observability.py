@@ -298,6 +298,36 @@ async def test_lines_logged_during_a_request_carry_its_id(
     ]
 
 
+async def test_stamp_request_id_marks_streamed_and_plain_answers_in_an_app_of_ones_own(
+    aiohttp_client: Any,
+) -> None:
+    """The access log used alone, with ``stamp_request_id`` as the app's prepare hook: a streamed
+    answer, prepared by its handler, carries the request id as a plain one does, the client's own
+    id when it sent one."""
+
+    async def streamed(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"data: 1\n\n")
+        return response
+
+    async def plain(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application(middlewares=[access_log.access_log_middleware()])
+    app.on_response_prepare.append(access_log.stamp_request_id)
+    app.router.add_get("/stream", streamed)
+    app.router.add_get("/plain", plain)
+    client = await aiohttp_client(app)
+    for path in ("/stream", "/plain"):
+        kept = await client.get(path, headers={"x-request-id": "rid-" + path[1:]})
+        assert kept.headers["x-request-id"] == "rid-" + path[1:]
+        made = await client.get(path)
+        assert len(made.headers["x-request-id"]) == 24  # twelve random bytes, in hex
+        await kept.read()
+        await made.read()
+
+
 @pytest.mark.parametrize("envelope", [False, True])
 async def test_the_access_log_answers_errors_with_the_envelope_only_when_asked(
     aiohttp_client: Any, envelope: bool
