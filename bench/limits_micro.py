@@ -7,7 +7,11 @@ microseconds a request. Under valgrind, the difference of two runs' instruction 
 difference of their N is the policy's instructions a request (N = 2000, then 4000):
 
     valgrind --tool=callgrind --callgrind-out-file=/dev/null \
-        .venv/bin/python -m bench.limits_micro 2000
+        .venv/bin/python -m bench.limits_micro 2000 --no-calibrate
+
+Around the timed requests it runs ``python -m bench.calibrate``'s loop and prints both readings:
+the microseconds of two VMs, or of two moments of one noisy VM, are only comparable next to how
+fast each ran Python then. ``--no-calibrate`` leaves that out (under valgrind it is only time).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from sidegate.middlewares.store import MemoryStores
 from sidegate.middlewares.store.leases import LeasedStores
 from sidegate.middlewares.store.sqlite import SqliteStores
 
+from . import calibrate
 from .upstream import _chat_body
 from .workloads import CHAT_BODY, CHAT_MODEL
 
@@ -91,15 +96,25 @@ async def run(
     return wall / n * 1e6, cpu / n * 1e6, entries
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.limits_micro", description=__doc__)
     parser.add_argument("requests", type=int, nargs="?", default=20_000)
     parser.add_argument("--sqlite", action="store_true", help="the SQLite store, not memory")
-    args = parser.parse_args()
-    wall, cpu, _ = asyncio.run(run(args.requests, sqlite=args.sqlite))
-    print(
-        f"limits policy: {wall:.2f} us wall, {cpu:.2f} us CPU a request ({args.requests} requests)"
+    parser.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="leave out the calibration readings before and after",
     )
+    args = parser.parse_args(argv)
+    before = calibrate.measure() if args.calibrate else None
+    wall, cpu, _ = asyncio.run(run(args.requests, sqlite=args.sqlite))
+    n = args.requests
+    line = f"limits policy: {wall:.2f} us wall, {cpu:.2f} us CPU a request ({n} requests)"
+    if before is not None:
+        after = calibrate.measure()
+        line += f"; python -m bench.calibrate read {before:.1f} ms before, {after:.1f} ms after"
+    print(line)
     return 0
 
 

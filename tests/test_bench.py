@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -772,6 +773,24 @@ async def test_the_limits_microbenchmark_runs_on_both_stores() -> None:
         assert wall > 0
         assert cpu > 0
         assert entries == 60  # every request was metered and written to the store
+
+
+def test_the_limits_microbenchmark_prints_how_fast_python_ran_around_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench.limits_micro import main
+
+    assert main(["20"]) == 0
+    line = capsys.readouterr().out
+    figures = re.fullmatch(
+        r"limits policy: [0-9.]+ us wall, [0-9.]+ us CPU a request \(20 requests\); "
+        r"python -m bench.calibrate read ([0-9.]+) ms before, ([0-9.]+) ms after\n",
+        line,
+    )
+    assert figures is not None, line
+    assert all(float(reading) > 0 for reading in figures.groups())
+    assert main(["20", "--no-calibrate"]) == 0
+    assert "calibrate" not in capsys.readouterr().out
 
 
 async def test_a_knock_out_takes_its_parts_out_and_the_rest_still_answers(
