@@ -322,9 +322,9 @@ async def test_stamp_request_id_marks_streamed_and_plain_answers_in_an_app_of_on
     for path in ("/stream", "/plain"):
         kept = await client.get(path, headers={"x-request-id": "rid-" + path[1:]})
         assert kept.headers["x-request-id"] == "rid-" + path[1:]
+        await kept.read()
         made = await client.get(path)
         assert len(made.headers["x-request-id"]) == 24  # twelve random bytes, in hex
-        await kept.read()
         await made.read()
 
 
