@@ -784,7 +784,7 @@ def test_the_limits_microbenchmark_prints_how_fast_python_ran_around_it(
     line = capsys.readouterr().out
     figures = re.fullmatch(
         r"limits policy: [0-9.]+ us wall, [0-9.]+ us CPU a request \(20 requests\); "
-        r"python -m bench.calibrate read ([0-9.]+) ms before, ([0-9.]+) ms after\n",
+        r"python -m bench\.calibrate read ([0-9.]+) ms before, ([0-9.]+) ms after\n",
         line,
     )
     assert figures is not None, line
