@@ -1,4 +1,4 @@
-"""``python -m bench.limits_micro [N] [--sqlite]``: the limits policy alone, per chat request.
+"""``python -m bench.limits_micro [N] [--sqlite] [--no-calibrate]``: the limits policy alone.
 
 Runs the limits middleware (a team budget and rate limits, a price for ``meridian-1``) over a
 leased store (``batch_s: 1``; on SQLite with ``--sqlite``, else in memory) around a handler that
