@@ -7,6 +7,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -85,6 +86,12 @@ async def meridian(aiohttp_server: AiohttpServer) -> Upstream:
 async def meivan(aiohttp_server: AiohttpServer) -> Upstream:
     app = meivan_app()
     return Upstream(await aiohttp_server(app), app[MOCK_STATE])
+
+
+def is_random_hex(value: str, size: int) -> bool:
+    """Whether ``value`` is what ``random_hex(size)`` hands out (a generated request id is
+    ``random_hex(12)``): ``size`` bytes in lowercase hex, nothing else."""
+    return re.fullmatch(f"[0-9a-f]{{{2 * size}}}", value) is not None
 
 
 def base_config(meridian_url: str, meivan_url: str) -> dict[str, Any]:

@@ -7,11 +7,12 @@ import threading
 
 from sidegate.middlewares import ids
 from sidegate.middlewares.ids import random_hex
+from tests.conftest import is_random_hex
 
 
 def test_ids_are_hex_of_the_size_asked_and_never_repeat_across_refills() -> None:
     made = [random_hex(16) for _ in range(2_000)]  # 32,000 bytes: several reads of 4,096
-    assert all(len(value) == 32 and int(value, 16) >= 0 for value in made)
+    assert all(is_random_hex(value, 16) for value in made)
     assert len(set(made)) == len(made)
     assert len(random_hex(12)) == 24
     assert len(random_hex(5_000)) == 10_000  # more than one read at once

@@ -24,7 +24,14 @@ from sidegate.proxy import create_app, setup
 from sidegate.proxy.logs import configure_logging, flush_logs
 from sidegate.proxy.mock import Fault
 from sidegate.proxy.observability import LATENCY_BUCKETS, Metrics
-from tests.conftest import ADMIN, ADMIN_KEY, MERIDIAN_SECRET, AiohttpClient, Upstream
+from tests.conftest import (
+    ADMIN,
+    ADMIN_KEY,
+    MERIDIAN_SECRET,
+    AiohttpClient,
+    Upstream,
+    is_random_hex,
+)
 
 Client = TestClient[web.Request, web.Application]
 CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}
@@ -324,7 +331,7 @@ async def test_stamp_request_id_marks_streamed_and_plain_answers_in_an_app_of_on
         assert kept.headers["x-request-id"] == "rid-" + path[1:]
         await kept.read()
         made = await client.get(path)
-        assert re.fullmatch("[0-9a-f]{24}", made.headers["x-request-id"])  # twelve random bytes
+        assert is_random_hex(made.headers["x-request-id"], 12)
         await made.read()
 
 
