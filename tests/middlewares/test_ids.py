@@ -14,8 +14,8 @@ def test_ids_are_hex_of_the_size_asked_and_never_repeat_across_refills() -> None
     made = [random_hex(16) for _ in range(2_000)]  # 32,000 bytes: several reads of 4,096
     assert all(is_random_hex(value, 16) for value in made)
     assert len(set(made)) == len(made)
-    assert len(random_hex(12)) == 24
-    assert len(random_hex(5_000)) == 10_000  # more than one read at once
+    assert is_random_hex(random_hex(12), 12)
+    assert is_random_hex(random_hex(5_000), 5_000)  # more than one read at once
 
 
 def test_a_forked_child_never_hands_out_what_its_parent_will() -> None:
