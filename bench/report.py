@@ -8,11 +8,15 @@ from typing import Any
 from .calibrate import ROUNDS as CALIBRATION_ROUNDS
 from .runner import ROWS, TARGETS, Results
 from .stats import median, ratio
-from .summary import FLOOR, Aggregate, aggregate
+from .summary import FLOOR, Aggregate, aggregate, workers_scales
 
-__all__ = ["fmt", "render", "render_table", "summary_json", "verdicts"]
+__all__ = ["CPU_GOALS", "WORKERS_GOAL", "fmt", "render", "render_table", "summary_json", "verdicts"]
 
 _MB = 1024.0
+CPU_GOALS = {"sidegate-bare": 1.2, "sidegate-full": 2.0}
+"""The issue's lines: CPU a request at most this many times the floor's, per sidegate target."""
+WORKERS_GOAL = 1.6
+"""The issue's line for ``--workers 2``: at least this many times one worker's requests/s."""
 NOISY_PCT = 10.0
 """A row whose proxy CPU spent this much (percent) on other work is flagged as noisy."""
 SPEED_SPREAD = 0.15
@@ -210,11 +214,7 @@ def _workers_table(results: Results) -> str:
 
 def _workers_scale(results: Results, target: str) -> float | None:
     """Median over runs of (req/s with 2 workers) / (req/s with 1), within each run."""
-    by_run: dict[int, dict[str, float | None]] = {}
-    for m in results.workers:
-        if m.target == target:
-            by_run.setdefault(m.run, {})[m.row] = m.rps
-    return median(ratio(r.get("workers-2"), r.get("workers-1")) for r in by_run.values())
+    return median(workers_scales(results.workers, target))
 
 
 def verdicts(results: Results) -> list[list[str]]:
@@ -237,10 +237,20 @@ def verdicts(results: Results) -> list[list[str]]:
 
     for row in ("chat-c1", "chat-c16", "chat-c64", "embed-c16"):
         agg = aggs.get((row, "sidegate-bare"))
-        add(f"bare CPU/req vs floor, {row}", agg.cpu_ratio if agg else None, 1.2, "×")
+        add(
+            f"bare CPU/req vs floor, {row}",
+            agg.cpu_ratio if agg else None,
+            CPU_GOALS["sidegate-bare"],
+            "×",
+        )
     for row in ("chat-c1", "chat-c16", "chat-c64", "sse-c16", "sse-c1", "embed-c16"):
         agg = aggs.get((row, "sidegate-full"))
-        add(f"full CPU/req vs floor, {row}", agg.cpu_ratio if agg else None, 2.0, "×")
+        add(
+            f"full CPU/req vs floor, {row}",
+            agg.cpu_ratio if agg else None,
+            CPU_GOALS["sidegate-full"],
+            "×",
+        )
     for target in ("sidegate-bare", "sidegate-full"):
         agg = aggs.get(("sse-c1", target))
         add(f"{target}: added TTFB p50 at c=1", agg.ttfb_added_ms if agg else None, 0.5, " ms")
@@ -257,7 +267,7 @@ def verdicts(results: Results) -> list[list[str]]:
     )
     for target in ("sidegate-bare", "sidegate-full"):
         scale = _workers_scale(results, target)
-        add(f"{target} --workers 2 req/s vs 1", scale, 1.6, "×", at_most=False)
+        add(f"{target} --workers 2 req/s vs 1", scale, WORKERS_GOAL, "×", at_most=False)
     floor = _workers_scale(results, "passthrough")
     if floor is not None:  # no goal: what two processes can do on this machine beside the load
         out.append(["the floor, 2 copies req/s vs 1 (reference)", f"{floor:,.4g}×", "—", "—"])

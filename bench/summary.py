@@ -14,7 +14,7 @@ from typing import Any
 
 from .stats import median, ratio
 
-__all__ = ["FLOOR", "Aggregate", "Measurement", "aggregate"]
+__all__ = ["FLOOR", "Aggregate", "Measurement", "aggregate", "workers_scales"]
 
 FLOOR = "passthrough"
 
@@ -65,6 +65,8 @@ class Aggregate:
     errors: int
     values: dict[str, float | None] = field(default_factory=dict)
     cpu_ratio: float | None = None
+    cpu_ratios: list[float] = field(default_factory=list)
+    """Each run's CPU ratio to the floor of the same run, in the order of the runs."""
     rps_ratio: float | None = None
     ttfb_added_ms: float | None = None
     details: list[str] = field(default_factory=list)
@@ -97,9 +99,12 @@ def aggregate(measurements: Iterable[Measurement]) -> dict[tuple[str, str], Aggr
         )
         if target.startswith("sidegate"):
             base = [floor.get((m.row, m.run)) for m in group]
-            agg.cpu_ratio = median(
-                ratio(m.cpu_ms, b.cpu_ms if b else None) for m, b in zip(group, base, strict=True)
-            )
+            agg.cpu_ratios = [
+                r
+                for m, b in zip(group, base, strict=True)
+                if (r := ratio(m.cpu_ms, b.cpu_ms if b else None)) is not None
+            ]
+            agg.cpu_ratio = median(agg.cpu_ratios)
             agg.rps_ratio = median(
                 ratio(m.rps, b.rps if b else None) for m, b in zip(group, base, strict=True)
             )
@@ -110,3 +115,16 @@ def aggregate(measurements: Iterable[Measurement]) -> dict[tuple[str, str], Aggr
             )
         out[(row, target)] = agg
     return out
+
+
+def workers_scales(workers: Iterable[Measurement], target: str) -> list[float]:
+    """Each run's (req/s with 2 workers) / (req/s with 1) for a target, in the order of the runs."""
+    by_run: dict[int, dict[str, float | None]] = {}
+    for m in workers:
+        if m.target == target:
+            by_run.setdefault(m.run, {})[m.row] = m.rps
+    return [
+        r
+        for rows in by_run.values()
+        if (r := ratio(rows.get("workers-2"), rows.get("workers-1"))) is not None
+    ]

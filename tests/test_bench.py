@@ -22,7 +22,7 @@ import orjson
 import pytest
 import yaml
 
-from bench import procstat, sse_client, targets
+from bench import pool, procstat, sse_client, targets
 from bench.cli import select
 from bench.embeddings_cache import resolution_note
 from bench.knockout import create_knocked_out
@@ -245,11 +245,75 @@ def test_ratios_are_taken_within_a_run_then_the_median_over_runs() -> None:
     assert bare.runs == 2
     assert bare.requests == 200
     assert bare.cpu_ratio == pytest.approx(1.3)
+    assert bare.cpu_ratios == pytest.approx([1.2, 1.4])
     assert bare.rps_ratio == pytest.approx(0.85)
     assert bare.ttfb_added_ms == pytest.approx(0.3)
     assert bare.get("cpu_ms") == pytest.approx(1.0)
     floor = aggs[("chat-c16", "passthrough")]
     assert floor.cpu_ratio is None
+
+
+def _invocation_json(
+    directory: Path, floors: list[float], ratios: list[float], scales: list[float]
+) -> Path:
+    """A results.json with one sse-c1 row per run (the floor, and bare at ``ratio`` times it)."""
+    measurements = []
+    workers = []
+    for run, (floor, r, scale) in enumerate(zip(floors, ratios, scales, strict=True)):
+        measurements += [
+            Measurement("sse-c1", "passthrough", run, 100, 0, 1000, cpu_ms=floor, ttfb_p50_ms=1.0),
+            Measurement(
+                "sse-c1", "sidegate-bare", run, 100, 0, 900, cpu_ms=floor * r, ttfb_p50_ms=1.5
+            ),
+        ]
+        workers += [
+            Measurement("workers-1", "sidegate-bare", run, 100, 0, rps=1000.0),
+            Measurement("workers-2", "sidegate-bare", run, 100, 0, rps=1000.0 * scale),
+        ]
+    directory.mkdir()
+    (directory / "results.json").write_bytes(
+        orjson.dumps(
+            {
+                "measurements": [m.to_json() for m in measurements],
+                "workers": [m.to_json() for m in workers],
+            }
+        )
+    )
+    return directory
+
+
+def test_runs_of_several_invocations_are_pooled_against_their_own_floors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The two invocations number their runs alike but their floors differ fourfold: a run matched
+    # with the other invocation's floor would read 0.3x or 4.8x, not its own ratio.
+    first = _invocation_json(tmp_path / "a", [0.2, 0.2], [1.1, 1.3], [1.7, 1.5])
+    second = _invocation_json(tmp_path / "b", [0.8, 0.8], [1.15, 1.25], [1.8, 1.65])
+    invocations = [pool.load(first), pool.load(second)]
+
+    (bare,) = pool.pool(invocations)
+    assert (bare.row, bare.target, bare.line) == ("sse-c1", "sidegate-bare", 1.2)
+    assert sorted(bare.ratios) == pytest.approx([1.1, 1.15, 1.25, 1.3])
+    assert bare.median == pytest.approx(1.2)
+    assert bare.over == 2
+    assert bare.by_invocation == pytest.approx([1.2, 1.2])
+
+    (scaling,) = pool.pool_workers(invocations)
+    assert sorted(scaling.ratios) == pytest.approx([1.5, 1.65, 1.7, 1.8])
+    assert scaling.over == 1  # under 1.6x: the one run that missed the workers goal
+    assert scaling.by_invocation == pytest.approx([1.6, 1.725])
+
+    assert pool.main([str(first), str(second)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert (
+        "| sse-c1 | sidegate-bare | 4 | 1.200× | 1.100–1.300 | 2 over 1.2× | 1.200, 1.200 |" in out
+    )
+    assert "| sidegate-bare | 4 | 0.500 |" in out  # the stream's added first byte, pooled
+    assert (
+        "| workers | sidegate-bare | 4 | 1.675× | 1.500–1.800 | 1 under 1.6× | 1.600, 1.725 |"
+        in out
+    )
+    assert pool.main([]) == 2
 
 
 def test_table_aligns_numbers_right_and_text_left() -> None:

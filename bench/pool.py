@@ -1,0 +1,162 @@
+"""Pool the runs of several invocations: ``python -m bench.pool bench/results/<stamp> ...``.
+
+One invocation's medians rest on its own runs (three, with ``--runs 3``); a VM's figures in the
+README rest on every run of several invocations (two sets of three chat invocations: 18 runs).
+Each run's ratio is taken against the floor of the same run of the same invocation, as
+``bench.summary`` takes it, and only then pooled. For each row and sidegate target this prints the
+median of the pooled ratios, their range, how many are over the issue's line, and each invocation's
+own median; then the time a stream's first byte adds at c=1 and the ``--workers 2`` scaling, pooled
+the same way, for the invocations that measured them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from .report import CPU_GOALS, WORKERS_GOAL, fmt, render_table
+from .stats import median
+from .summary import FLOOR, Measurement, aggregate, workers_scales
+
+__all__ = ["Invocation", "Pooled", "load", "main", "pool", "pool_workers", "render"]
+
+
+@dataclass
+class Invocation:
+    """The runs one ``python -m bench`` wrote to its ``results.json``."""
+
+    name: str
+    measurements: list[Measurement]
+    workers: list[Measurement]
+
+
+@dataclass
+class Pooled:
+    """One (row, target) over every run of the invocations, against the floor of each run."""
+
+    row: str
+    target: str
+    ratios: list[float]
+    by_invocation: list[float | None]
+    line: float
+    over: int
+    """Runs over the line (under it, for a figure that must reach the line)."""
+
+    @property
+    def median(self) -> float | None:
+        return median(self.ratios)
+
+
+def load(directory: Path) -> Invocation:
+    data = orjson.loads((directory / "results.json").read_bytes())
+    return Invocation(
+        name=directory.name,
+        measurements=[Measurement(**m) for m in data.get("measurements", [])],
+        workers=[Measurement(**m) for m in data.get("workers", [])],
+    )
+
+
+def _renumbered(invocations: Sequence[Invocation], attr: str) -> list[Measurement]:
+    """Every invocation's measurements, with runs numbered apart so no two invocations share one."""
+    out: list[Measurement] = []
+    offset = 0
+    for invocation in invocations:
+        measurements: list[Measurement] = getattr(invocation, attr)
+        out += [dataclasses.replace(m, run=m.run + offset) for m in measurements]
+        offset += max((m.run for m in measurements), default=-1) + 1
+    return out
+
+
+def pool(invocations: Sequence[Invocation]) -> list[Pooled]:
+    """Each sidegate row's CPU ratios over every run of the invocations, in the order of rows."""
+    pooled = aggregate(_renumbered(invocations, "measurements"))
+    each = [aggregate(invocation.measurements) for invocation in invocations]
+    out = []
+    for (row, target), agg in pooled.items():
+        if target not in CPU_GOALS:
+            continue
+        line = CPU_GOALS[target]
+        out.append(
+            Pooled(
+                row=row,
+                target=target,
+                ratios=agg.cpu_ratios,
+                by_invocation=[a[(row, target)].cpu_ratio for a in each if (row, target) in a],
+                line=line,
+                over=sum(r > line for r in agg.cpu_ratios),
+            )
+        )
+    return out
+
+
+def pool_workers(invocations: Sequence[Invocation]) -> list[Pooled]:
+    """Each target's ``--workers 2`` scaling over every run of the invocations that measured it."""
+    measured = [invocation for invocation in invocations if invocation.workers]
+    workers = _renumbered(measured, "workers")
+    out = []
+    for target in dict.fromkeys(m.target for m in workers):
+        scales = workers_scales(workers, target)
+        out.append(
+            Pooled(
+                row="workers",
+                target=target,
+                ratios=scales,
+                by_invocation=[median(workers_scales(i.workers, target)) for i in measured],
+                line=WORKERS_GOAL,
+                over=sum(s < WORKERS_GOAL for s in scales),
+            )
+        )
+    return out
+
+
+def _rows(pooled: Sequence[Pooled]) -> list[list[str]]:
+    return [
+        [
+            p.row,
+            p.target,
+            str(len(p.ratios)),
+            fmt(p.median, 3, "×"),
+            f"{fmt(min(p.ratios, default=None), 3)}–{fmt(max(p.ratios, default=None), 3)}",
+            f"{p.over} {'over' if p.row != 'workers' else 'under'} {p.line:g}×",
+            ", ".join(fmt(m, 3) for m in p.by_invocation),
+        ]
+        for p in pooled
+    ]
+
+
+def render(invocations: Sequence[Invocation]) -> str:
+    header = ["row", "target", "runs", "median", "range", "against the line", "by invocation"]
+    parts = [
+        f"{len(invocations)} invocations: {', '.join(i.name for i in invocations)}",
+        "",
+        render_table(header, _rows(pool(invocations))),
+    ]
+    added = aggregate(_renumbered(invocations, "measurements"))
+    ttfb = [
+        [target, str(agg.runs), fmt(agg.ttfb_added_ms, 3)]
+        for (row, target), agg in added.items()
+        if row == "sse-c1" and target != FLOOR
+    ]
+    if ttfb:
+        parts += ["", render_table(["sse-c1", "runs", "added TTFB p50 ms (median)"], ttfb)]
+    if workers := pool_workers(invocations):
+        parts += ["", render_table(header, _rows(workers))]
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or any(arg.startswith("-") for arg in args):
+        print(__doc__, file=sys.stderr)
+        return 2
+    print(render([load(Path(arg)) for arg in args]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
