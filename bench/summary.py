@@ -64,18 +64,22 @@ class Aggregate:
     requests: int
     errors: int
     values: dict[str, float | None] = field(default_factory=dict)
-    cpu_ratio: float | None = None
     cpu_ratios: list[float] = field(default_factory=list)
     """Each run's CPU ratio to the floor of the same run, in the order of the runs."""
     rps_ratio: float | None = None
     ttfb_added_ms: float | None = None
     details: list[str] = field(default_factory=list)
 
+    @property
+    def cpu_ratio(self) -> float | None:
+        """The median of the runs' CPU ratios (None for the floor, or with no run to compare)."""
+        return median(self.cpu_ratios)
+
     def get(self, name: str) -> float | None:
         return self.values.get(name)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "cpu_ratio": self.cpu_ratio}
 
 
 def aggregate(measurements: Iterable[Measurement]) -> dict[tuple[str, str], Aggregate]:
@@ -104,7 +108,6 @@ def aggregate(measurements: Iterable[Measurement]) -> dict[tuple[str, str], Aggr
                 for m, b in zip(group, base, strict=True)
                 if (r := ratio(m.cpu_ms, b.cpu_ms if b else None)) is not None
             ]
-            agg.cpu_ratio = median(agg.cpu_ratios)
             agg.rps_ratio = median(
                 ratio(m.rps, b.rps if b else None) for m, b in zip(group, base, strict=True)
             )
