@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,12 +68,11 @@ def load(directory: Path) -> Invocation:
     )
 
 
-def _renumbered(invocations: Sequence[Invocation], attr: str) -> list[Measurement]:
+def _renumbered(per_invocation: Iterable[list[Measurement]]) -> list[Measurement]:
     """Every invocation's measurements, with runs numbered apart so no two invocations share one."""
     out: list[Measurement] = []
     offset = 0
-    for invocation in invocations:
-        measurements: list[Measurement] = getattr(invocation, attr)
+    for measurements in per_invocation:
         out += [dataclasses.replace(m, run=m.run + offset) for m in measurements]
         offset += max((m.run for m in measurements), default=-1) + 1
     return out
@@ -81,7 +80,7 @@ def _renumbered(invocations: Sequence[Invocation], attr: str) -> list[Measuremen
 
 def pool(invocations: Sequence[Invocation]) -> list[Pooled]:
     """Each sidegate row's CPU ratios over every run of the invocations, in the order of rows."""
-    pooled = aggregate(_renumbered(invocations, "measurements"))
+    pooled = aggregate(_renumbered(i.measurements for i in invocations))
     each = [aggregate(invocation.measurements) for invocation in invocations]
     out = []
     for (row, target), agg in pooled.items():
@@ -103,7 +102,7 @@ def pool(invocations: Sequence[Invocation]) -> list[Pooled]:
 def pool_workers(invocations: Sequence[Invocation]) -> list[Pooled]:
     """Each target's ``--workers 2`` scaling over every run of the invocations that measured it."""
     measured = [invocation for invocation in invocations if invocation.workers]
-    workers = _renumbered(measured, "workers")
+    workers = _renumbered(i.workers for i in measured)
     out = []
     for target in dict.fromkeys(m.target for m in workers):
         out.append(

@@ -697,6 +697,28 @@ def test_the_floors_scaling_is_reported_beside_the_workers_goal() -> None:
     assert "sidegate-full --workers 2 req/s vs 1" not in rows  # not measured: no verdict
 
 
+def test_cpu_verdicts_judge_each_target_on_its_own_line_and_rows() -> None:
+    def m(row: str, target: str, cpu: float) -> Measurement:
+        return Measurement(row, target, 0, 100, 0, 1000, 1.0, 2.0, cpu)
+
+    results = Results()
+    results.measurements = [
+        m("chat-c1", "passthrough", 0.5),
+        m("chat-c1", "sidegate-bare", 0.61),  # 1.22x: over bare's line
+        m("chat-c1", "sidegate-full", 0.95),  # 1.9x: under the full chain's
+        m("sse-c16", "passthrough", 0.5),
+        m("sse-c16", "sidegate-bare", 0.7),
+        m("sse-c16", "sidegate-full", 1.05),  # 2.1x: over
+    ]
+    rows = {row[0]: row[1:] for row in verdicts(results)}
+    assert rows["bare CPU/req vs floor, chat-c1"] == ["1.22×", "≤ 1.2×", "MISSED"]
+    assert rows["full CPU/req vs floor, chat-c1"] == ["1.9×", "≤ 2×", "met"]
+    assert rows["full CPU/req vs floor, sse-c16"] == ["2.1×", "≤ 2×", "MISSED"]
+    # bare's CPU goal is judged on the chat rows only in one invocation's verdicts
+    assert "bare CPU/req vs floor, sse-c16" not in rows
+    assert "bare CPU/req vs floor, chat-c16" not in rows  # not measured: no verdict
+
+
 HALTS = "an idle CPU halts at once"
 
 
