@@ -15,11 +15,10 @@ __all__ = ["CPU_GOALS", "WORKERS_GOAL", "fmt", "render", "render_table", "summar
 _MB = 1024.0
 CPU_GOALS = {"sidegate-bare": 1.2, "sidegate-full": 2.0}
 """The issue's lines: CPU a request at most this many times the floor's, per sidegate target."""
-_CPU_VERDICT_ROWS = {
-    "sidegate-bare": ("chat-c1", "chat-c16", "chat-c64", "embed-c16"),
-    "sidegate-full": ("chat-c1", "chat-c16", "chat-c64", "sse-c16", "sse-c1", "embed-c16"),
-}
-"""The rows each target's CPU goal is judged on in one invocation's verdicts, in that order."""
+_CPU_VERDICT_ROWS = ("chat-c1", "chat-c16", "chat-c64", "sse-c16", "sse-c1", "embed-c16")
+"""The rows both targets' CPU goals are judged on in one invocation's verdicts, in that order. The
+issue states the full chain's goal on chat and on streaming and bare's without a row; bare's is held
+on every row too, as the README's *Where it stands* and ``bench.pool`` hold it."""
 WORKERS_GOAL = 1.6
 """The issue's line for ``--workers 2``: at least this many times one worker's requests/s."""
 NOISY_PCT = 10.0
@@ -240,12 +239,11 @@ def verdicts(results: Results) -> list[list[str]]:
             ]
         )
 
-    for target, rows in _CPU_VERDICT_ROWS.items():
+    for target, line in CPU_GOALS.items():
         name = target.removeprefix("sidegate-")
-        for row in rows:
+        for row in _CPU_VERDICT_ROWS:
             agg = aggs.get((row, target))
-            cpu_ratio = agg.cpu_ratio if agg else None
-            add(f"{name} CPU/req vs floor, {row}", cpu_ratio, CPU_GOALS[target], "×")
+            add(f"{name} CPU/req vs floor, {row}", agg.cpu_ratio if agg else None, line, "×")
     for target in ("sidegate-bare", "sidegate-full"):
         agg = aggs.get(("sse-c1", target))
         add(f"{target}: added TTFB p50 at c=1", agg.ttfb_added_ms if agg else None, 0.5, " ms")
