@@ -19,7 +19,7 @@ from pathlib import Path
 
 import orjson
 
-from .report import CPU_GOALS, WORKERS_GOAL, fmt, render_table
+from .report import CPU_GOALS, WORKERS_GOAL, fmt, meets, render_table
 from .stats import median
 from .summary import Measurement, aggregate, workers_scales
 
@@ -56,7 +56,7 @@ class Pooled:
     @property
     def over(self) -> int:
         """Runs on the wrong side of the line: over it, or under it for an at-least goal."""
-        return sum((r > self.line) if self.at_most else (r < self.line) for r in self.ratios)
+        return sum(not meets(r, self.line, self.at_most) for r in self.ratios)
 
 
 def load(directory: Path) -> Invocation:

@@ -10,7 +10,16 @@ from .runner import ROWS, TARGETS, Results
 from .stats import median, ratio
 from .summary import FLOOR, Aggregate, aggregate, workers_scales
 
-__all__ = ["CPU_GOALS", "WORKERS_GOAL", "fmt", "render", "render_table", "summary_json", "verdicts"]
+__all__ = [
+    "CPU_GOALS",
+    "WORKERS_GOAL",
+    "fmt",
+    "meets",
+    "render",
+    "render_table",
+    "summary_json",
+    "verdicts",
+]
 
 _MB = 1024.0
 CPU_GOALS = {"sidegate-bare": 1.2, "sidegate-full": 2.0}
@@ -26,6 +35,13 @@ NOISY_PCT = 10.0
 SPEED_SPREAD = 0.15
 """A change this large (a share) in how fast the proxies' CPU ran Python within an invocation
 is noted (VM Q's round saw it halve, with no steal on record)."""
+
+
+def meets(value: float, line: float, at_most: bool = True) -> bool:
+    """Whether a figure is on the goal's side of its line: at most the line (CPU, memory, first
+    byte) or, with ``at_most=False``, at least it (``--workers 2``). One invocation's verdicts and
+    ``bench.pool``'s count of runs on the wrong side both judge by it."""
+    return value <= line if at_most else value >= line
 
 
 def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
@@ -229,13 +245,12 @@ def verdicts(results: Results) -> list[list[str]]:
     def add(name: str, value: float | None, goal: float, unit: str, at_most: bool = True) -> None:
         if value is None:  # not selected (--only), or the row failed: see the notes
             return
-        met = value <= goal if at_most else value >= goal
         out.append(
             [
                 name,
                 f"{value:,.4g}{unit}",  # 4 digits: 1.595 is not 1.6
                 f"{'≤' if at_most else '≥'} {goal:g}{unit}",
-                "met" if met else "MISSED",
+                "met" if meets(value, goal, at_most) else "MISSED",
             ]
         )
 

@@ -30,7 +30,7 @@ from bench.knockout import main as knockout_main
 from bench.load import LoadResult, cpu_speed_ms, parse_wrk_output, render_lua
 from bench.passthrough import make_app
 from bench.profile import package_of, parse_collapsed
-from bench.report import fmt, render, render_table, verdicts
+from bench.report import fmt, meets, render, render_table, verdicts
 from bench.runner import (
     ROWS,
     SECTIONS,
@@ -722,6 +722,16 @@ def test_cpu_verdicts_judge_each_target_on_its_own_line_on_every_row() -> None:
     assert rows["bare CPU/req vs floor, sse-c1"] == ["1.3×", "≤ 1.2×", "MISSED"]
     assert rows["full CPU/req vs floor, sse-c1"] == ["1.5×", "≤ 2×", "met"]
     assert "bare CPU/req vs floor, chat-c16" not in rows  # not measured: no verdict
+
+
+def test_a_figure_on_its_line_meets_the_goal_from_either_side() -> None:
+    assert meets(1.2, 1.2)  # at most: CPU, memory, first byte
+    assert not meets(1.2001, 1.2)
+    assert meets(1.6, 1.6, at_most=False)  # at least: --workers 2
+    assert not meets(1.5999, 1.6, at_most=False)
+    # bench.pool counts the runs on the wrong side with the same judgement
+    pooled = pool.Pooled("workers", "sidegate-bare", [1.6, 1.59, 1.7], [], 1.6, at_most=False)
+    assert pooled.over == 1
 
 
 HALTS = "an idle CPU halts at once"
