@@ -7,6 +7,10 @@ Each run's ratio is taken against the floor of the same run of the same invocati
 median of the pooled ratios, their range, how many are over the issue's line, and each invocation's
 own median; then the time a stream's first byte adds at c=1 and the ``--workers 2`` scaling, pooled
 the same way, for the invocations that measured them.
+
+``python -m bench.pool --markdown DIR...`` prints instead the rows of a VM's per-set table as the
+README writes them (bare, full, each invocation's medians, the floor's CPU ms a request), its
+ratios by :func:`figure`, a median on the wrong side of its line in bold.
 """
 
 from __future__ import annotations
@@ -21,9 +25,19 @@ import orjson
 
 from .report import CPU_GOALS, WORKERS_GOAL, fmt, meets, render_table
 from .stats import median
-from .summary import Measurement, aggregate, workers_scales
+from .summary import FLOOR, Measurement, aggregate, workers_scales
 
-__all__ = ["Invocation", "Pooled", "load", "main", "pool", "pool_workers", "render"]
+__all__ = [
+    "Invocation",
+    "Pooled",
+    "figure",
+    "load",
+    "main",
+    "markdown",
+    "pool",
+    "pool_workers",
+    "render",
+]
 
 
 @dataclass
@@ -151,12 +165,65 @@ def render(invocations: Sequence[Invocation]) -> str:
     return "\n".join(parts)
 
 
+def figure(value: float, line: float) -> str:
+    """A ratio as the README writes it: two decimals, or three where two would round a final 5
+    (1.185, 1.955) or read exactly the line, hiding which side of it the figure is on (1.199 and
+    1.204 are not 1.20)."""
+    three = f"{value:.3f}"
+    two = f"{value:.2f}"
+    return three if three.endswith("5") or float(two) == line else two
+
+
+def markdown(invocations: Sequence[Invocation]) -> str:
+    """The rows of the README's per-set table for these invocations: for each row, bare's and the
+    full chain's median over every run (bold when on the wrong side of its line) with the range,
+    each invocation's median, and the range of the floor's CPU ms a request."""
+    pooled = {(p.row, p.target): p for p in pool(invocations)}
+    floors: dict[str, list[float]] = {}
+    for invocation in invocations:
+        for m in invocation.measurements:
+            if m.target == FLOOR and m.cpu_ms is not None:
+                floors.setdefault(m.row, []).append(m.cpu_ms)
+    names = [target.removeprefix("sidegate-") for target in CPU_GOALS]
+    lines = [
+        "| row | "
+        + " | ".join([*names, *(f"{name} by invocation" for name in names)])
+        + " | floor CPU ms/req |",
+        "| --- |" + " ---: |" * len(names) + " --- |" * len(names) + " ---: |",
+    ]
+    for row in dict.fromkeys(row for row, _ in pooled):
+        cells = [row]
+        each = [pooled.get((row, target)) for target in CPU_GOALS]
+        for p in each:
+            if p is None or p.median is None:
+                cells.append("—")
+                continue
+            med = f"{figure(p.median, p.line)}×"
+            if not meets(p.median, p.line, p.at_most):
+                med = f"**{med}**"
+            cells.append(f"{med} ({figure(min(p.ratios), p.line)}–{figure(max(p.ratios), p.line)})")
+        for p in each:
+            if p is None:
+                cells.append("—")
+                continue
+            line = p.line
+            cells.append(", ".join("—" if m is None else figure(m, line) for m in p.by_invocation))
+        spent = floors.get(row, [])
+        cells.append(f"{min(spent):.3f}–{max(spent):.3f}" if spent else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    as_markdown = args[:1] == ["--markdown"]
+    if as_markdown:
+        args = args[1:]
     if not args or any(arg.startswith("-") for arg in args):
         print(__doc__, file=sys.stderr)
         return 2
-    print(render([load(Path(arg)) for arg in args]))
+    invocations = [load(Path(arg)) for arg in args]
+    print(markdown(invocations) if as_markdown else render(invocations))
     return 0
 
 

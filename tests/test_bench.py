@@ -316,6 +316,31 @@ def test_runs_of_several_invocations_are_pooled_against_their_own_floors(
     assert pool.main([]) == 2
 
 
+def test_a_ratio_is_written_to_two_decimals_unless_two_would_hide_its_side_of_the_line() -> None:
+    assert pool.figure(1.172, 1.2) == "1.17"
+    assert pool.figure(1.185, 1.2) == "1.185"  # a final 5 is not rounded either way
+    assert pool.figure(1.1989, 1.2) == "1.199"  # "1.20" would read the line itself
+    assert pool.figure(1.2041, 1.2) == "1.204"
+    assert pool.figure(1.996, 2.0) == "1.996"
+    assert pool.figure(1.996, 1.2) == "2.00"  # far from its own line: two decimals
+
+
+def test_pooled_rows_print_as_the_readme_writes_a_sets_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = _invocation_json(tmp_path / "a", [0.2, 0.2], [1.24, 1.3], [1.7, 1.7])
+    second = _invocation_json(tmp_path / "b", [0.8, 0.8], [1.16, 1.3], [1.7, 1.7])
+
+    assert pool.main(["--markdown", str(first), str(second)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "| row | bare | full | bare by invocation | full by invocation | floor CPU ms/req |"
+    )
+    # bare's median over the four runs misses its line: bold; no full chain measured: a dash
+    assert lines[2] == "| sse-c1 | **1.27×** (1.16–1.30) | — | 1.27, 1.23 | — | 0.200–0.800 |"
+    assert len(lines) == 3
+
+
 def test_table_aligns_numbers_right_and_text_left() -> None:
     table = render_table(
         ["row", "req/s", "ratio"], [["chat-c1", "1,234", "1.20×"], ["x", "5", "—"]]
