@@ -22,7 +22,9 @@ __all__ = [
 ]
 
 _MB = 1024.0
-CPU_GOALS = {"sidegate-bare": 1.2, "sidegate-full": 2.0}
+_SIDEGATE = ("sidegate-bare", "sidegate-full")
+"""sidegate's two targets, in the order the verdicts give each goal for them."""
+CPU_GOALS = dict(zip(_SIDEGATE, (1.2, 2.0), strict=True))
 """The issue's lines: CPU a request at most this many times the floor's, per sidegate target."""
 _CPU_VERDICT_ROWS = ("chat-c1", "chat-c16", "chat-c64", "sse-c16", "sse-c1", "embed-c16")
 """The rows both targets' CPU goals are judged on in one invocation's verdicts, in that order. The
@@ -259,10 +261,10 @@ def verdicts(results: Results) -> list[list[str]]:
         for row in _CPU_VERDICT_ROWS:
             agg = aggs.get((row, target))
             add(f"{name} CPU/req vs floor, {row}", agg.cpu_ratio if agg else None, line, "×")
-    for target in ("sidegate-bare", "sidegate-full"):
+    for target in _SIDEGATE:
         agg = aggs.get(("sse-c1", target))
         add(f"{target}: added TTFB p50 at c=1", agg.ttfb_added_ms if agg else None, 0.5, " ms")
-    for target in ("sidegate-bare", "sidegate-full"):
+    for target in _SIDEGATE:
         idle = results.idle_rss_kb.get(target)
         add(f"{target} idle RSS", _mb(median(idle or [])), 60, " MB")
     memory = results.memory
@@ -273,7 +275,7 @@ def verdicts(results: Results) -> list[list[str]]:
         1.5,
         "×",
     )
-    for target in ("sidegate-bare", "sidegate-full"):
+    for target in _SIDEGATE:
         scale = _workers_scale(results, target)
         add(f"{target} --workers 2 req/s vs 1", scale, WORKERS_GOAL, "×", at_most=False)
     floor = _workers_scale(results, "passthrough")
