@@ -341,6 +341,48 @@ def test_pooled_rows_print_as_the_readme_writes_a_sets_table(
     assert len(lines) == 3
 
 
+ROUND = Path(__file__).resolve().parents[1] / "bench" / "round.sh"
+CHAT_COMMAND = (
+    "python -m bench --only passthrough,sidegate-bare,sidegate-full,chat-c1,chat-c16,chat-c64,"
+    "sse-c16 --runs 3"
+)
+
+
+def test_a_vms_round_lists_commands_the_harness_has() -> None:
+    done = subprocess.run(
+        ["bash", str(ROUND)],
+        env={**os.environ, "DRY": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    commands = done.stdout.splitlines()
+    # two sets of three chat invocations, the diagnoses between them
+    chats = [i for i, command in enumerate(commands) if command == CHAT_COMMAND]
+    assert chats[:3] == [0, 1, 2]
+    assert len(chats) == 6
+    assert chats[3:] == [chats[3], chats[3] + 1, chats[3] + 2]
+    between = commands[chats[2] + 1 : chats[3]]
+    assert any(command.startswith("BUSY=1 bench/cpu_split.sh") for command in between)
+    for command in commands:
+        words = command.split()
+        settings = [w for w in words if re.fullmatch(r"[A-Z]+=\S+", w)]
+        assert {s.split("=")[0] for s in settings} <= {"BUSY", "CACHESIM", "WITHOUT"}, command
+        program, *args = words[len(settings) :]
+        if program == "python":
+            assert args[0] == "-m"
+            module = args[1]
+            if module == "bench":
+                select(args[args.index("--only") + 1])  # every row, section and target known
+            else:
+                assert (ROUND.parents[1] / Path(*module.split("."))).with_suffix(".py").is_file()
+        else:
+            script = ROUND.parents[1] / program
+            assert script.is_file(), command
+            assert os.access(script, os.X_OK), command
+
+
 def test_table_aligns_numbers_right_and_text_left() -> None:
     table = render_table(
         ["row", "req/s", "ratio"], [["chat-c1", "1,234", "1.20×"], ["x", "5", "—"]]
