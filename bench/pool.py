@@ -192,22 +192,23 @@ def markdown(invocations: Sequence[Invocation]) -> str:
         "| --- |" + " ---: |" * len(names) + " --- |" * len(names) + " ---: |",
     ]
     for row in dict.fromkeys(row for row, _ in pooled):
-        cells = [row]
-        each = [pooled.get((row, target)) for target in CPU_GOALS]
-        for p in each:
+        judged, each_median = [], []  # per target: the median (and range), each invocation's
+        for target in CPU_GOALS:
+            p = pooled.get((row, target))
             if p is None or p.median is None:
-                cells.append("—")
+                judged.append("—")
+                each_median.append("—")
                 continue
             med = f"{figure(p.median, p.line)}×"
             if not meets(p.median, p.line, p.at_most):
                 med = f"**{med}**"
-            cells.append(f"{med} ({figure(min(p.ratios), p.line)}–{figure(max(p.ratios), p.line)})")
-        for p in each:
-            if p is None:
-                cells.append("—")
-                continue
-            line = p.line
-            cells.append(", ".join("—" if m is None else figure(m, line) for m in p.by_invocation))
+            judged.append(
+                f"{med} ({figure(min(p.ratios), p.line)}–{figure(max(p.ratios), p.line)})"
+            )
+            each_median.append(
+                ", ".join("—" if m is None else figure(m, p.line) for m in p.by_invocation)
+            )
+        cells = [row, *judged, *each_median]
         spent = floors.get(row, [])
         cells.append(f"{min(spent):.3f}–{max(spent):.3f}" if spent else "—")
         lines.append("| " + " | ".join(cells) + " |")
