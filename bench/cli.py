@@ -21,6 +21,7 @@ import orjson
 
 from sidegate.proxy.cli import LOOPS, event_loop_factory
 
+from .procstat import parse_steal_shares, stat_text
 from .report import render, summary_json
 from .runner import ROWS, SECTIONS, TARGETS, Options, machine, run
 from .targets import REPO
@@ -204,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     meta["load_before"] = _loadavg()
+    stat_before = stat_text()
     results = run(options, directory, _say)
     meta["load_after"] = _loadavg()
+    meta["steal_during"] = parse_steal_shares(stat_text(), since=stat_before)
     if note:
         results.notes.insert(0, note)
     report = render(results, meta)

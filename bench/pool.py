@@ -6,7 +6,8 @@ Each run's ratio is taken against the floor of the same run of the same invocati
 ``bench.summary`` takes it, and only then pooled. For each row and sidegate target this prints the
 median of the pooled ratios, their range, how many are over the issue's line, and each invocation's
 own median; then the time a stream's first byte adds at c=1 and the ``--workers 2`` scaling, pooled
-the same way, for the invocations that measured them.
+the same way, for the invocations that measured them; and the share of each CPU the hypervisor
+took during each invocation, where its ``results.json`` recorded it.
 
 ``python -m bench.pool --markdown DIR...`` prints instead the rows of a VM's per-set table as the
 README writes them (bare, full, each invocation's medians, the floor's CPU ms a request), its
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from .report import CPU_GOALS, WORKERS_GOAL, fmt, meets, render_table
+from .report import CPU_GOALS, WORKERS_GOAL, fmt, meets, render_table, steal_shares
 from .stats import median
 from .summary import FLOOR, Measurement, aggregate, workers_scales
 
@@ -47,6 +48,8 @@ class Invocation:
     name: str
     measurements: list[Measurement]
     workers: list[Measurement]
+    steal_during: dict[str, float] | None = None
+    """The share of each CPU the hypervisor took while it ran (None: not recorded)."""
 
 
 @dataclass
@@ -79,6 +82,7 @@ def load(directory: Path) -> Invocation:
         name=directory.name,
         measurements=[Measurement(**m) for m in data.get("measurements", [])],
         workers=[Measurement(**m) for m in data.get("workers", [])],
+        steal_during=data.get("meta", {}).get("steal_during"),
     )
 
 
@@ -162,6 +166,11 @@ def render(invocations: Sequence[Invocation]) -> str:
         parts += ["", render_table(["sse-c1", "runs", "added TTFB p50 ms (median)"], ttfb)]
     if workers := pool_workers(invocations):
         parts += ["", render_table(header, _rows(workers))]
+    stolen = [
+        [i.name, steal_shares(i.steal_during)] for i in invocations if i.steal_during is not None
+    ]
+    if stolen:
+        parts += ["", render_table(["invocation", "stolen by the hypervisor during it"], stolen)]
     return "\n".join(parts)
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "meets",
     "render",
     "render_table",
+    "steal_shares",
     "summary_json",
     "verdicts",
 ]
@@ -299,8 +300,14 @@ def _cpu(machine: dict[str, Any]) -> str:
     return f"{machine['cpu_model']}, family {family} model {number}"
 
 
-def _idle(machine: dict[str, Any]) -> str:
-    """How an idle CPU waits, and the time the hypervisor took: what weighs on a VM's c=1 rows."""
+def steal_shares(steal: dict[str, float]) -> str:
+    """``cpu0 2.19%, cpu1 5.28%``: each CPU's share the hypervisor took ("?": none recorded)."""
+    return ", ".join(f"{cpu} {share:.2%}" for cpu, share in steal.items()) or "?"
+
+
+def _idle(machine: dict[str, Any], during: dict[str, float] | None = None) -> str:
+    """How an idle CPU waits, and the time the hypervisor took since boot and, when it was
+    recorded, during the invocation: what weighs on a VM's c=1 rows."""
     idle = machine.get("idle") or {}
     driver, poll = idle.get("driver"), idle.get("guest_halt_poll_ns")
     waits = f"cpuidle driver {driver}" if driver is not None else "no cpuidle driver"
@@ -308,9 +315,10 @@ def _idle(machine: dict[str, Any]) -> str:
         waits += f", guest_halt_poll_ns {poll}"
     if idle.get("halts"):
         waits += " (an idle CPU halts at once)"
-    steal = machine.get("steal_since_boot") or {}
-    stolen = ", ".join(f"{cpu} {share:.2%}" for cpu, share in steal.items()) or "?"
-    return f"Idle CPUs: {waits}. Stolen by the hypervisor since boot: {stolen}."
+    stolen = f"since boot: {steal_shares(machine.get('steal_since_boot') or {})}"
+    if during is not None:
+        stolen += f"; during this invocation: {steal_shares(during)}"
+    return f"Idle CPUs: {waits}. Stolen by the hypervisor {stolen}."
 
 
 def _speed(results: Results) -> tuple[str | None, str | None]:
@@ -349,7 +357,7 @@ def render(results: Results, meta: dict[str, Any]) -> str:
         "",
         f"Machine: {machine['cpus']} CPUs ({_cpu(machine)}), {machine['kernel']}, "
         f"Python {meta['python']}, aiohttp {meta['aiohttp']}; sidegate {meta['commit']}.",
-        _idle(machine),
+        _idle(machine, meta.get("steal_during")),
         *([speed_line] if speed_line else []),
         f"Command: `{meta['command']}`. {meta['runs']} run(s) × {meta['duration_s']:g} s per row "
         f"(after {meta['warmup_s']:g} s warm-up), cut into {meta.get('slices', 1)} slices the "

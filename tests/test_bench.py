@@ -115,6 +115,18 @@ def test_a_cpu_line_without_a_steal_field_is_left_out_of_the_steal_shares() -> N
     assert procstat.parse_steal_shares(stat) == {"cpu0": 0.01}
 
 
+def test_the_steal_between_two_samples_is_what_the_hypervisor_took_between_them() -> None:
+    # Since boot the hypervisor took 1% of CPU 0; of the 1000 ticks between the samples, 30.
+    before = "cpu  0 0 0 0\ncpu0 400 0 100 1970 5 0 0 25\ncpu1 500 0 200 3000 0 0 0 0\n"
+    after = "cpu  0 0 0 0\ncpu0 900 0 200 2335 10 0 0 55\ncpu1 500 0 200 4000 0 0 0 0\n"
+    assert procstat.parse_steal_shares(before) == {"cpu0": 0.01, "cpu1": 0.0}
+    assert procstat.parse_steal_shares(after, since=before) == pytest.approx(
+        {"cpu0": 0.03, "cpu1": 0.0}
+    )
+    assert procstat.parse_steal_shares(after, since=after) == {"cpu0": 0.0, "cpu1": 0.0}
+    assert procstat.parse_steal_shares("", since=before) == {}
+
+
 def test_py_spy_stacks_are_summed_by_their_innermost_frame() -> None:
     raw = (
         "<module> (bench/passthrough.py:72);run (asyncio/base_events.py:1) 7\n"
@@ -254,9 +266,14 @@ def test_ratios_are_taken_within_a_run_then_the_median_over_runs() -> None:
 
 
 def _invocation_json(
-    directory: Path, floors: list[float], ratios: list[float], scales: list[float]
+    directory: Path,
+    floors: list[float],
+    ratios: list[float],
+    scales: list[float],
+    steal: dict[str, float] | None = None,
 ) -> Path:
-    """A results.json with one sse-c1 row per run (the floor, and bare at ``ratio`` times it)."""
+    """A results.json with one sse-c1 row per run (the floor, and bare at ``ratio`` times it),
+    and what the hypervisor took during the invocation when ``steal`` is given."""
     measurements = []
     workers = []
     for run, (floor, r, scale) in enumerate(zip(floors, ratios, scales, strict=True)):
@@ -274,6 +291,7 @@ def _invocation_json(
     (directory / "results.json").write_bytes(
         orjson.dumps(
             {
+                "meta": {} if steal is None else {"steal_during": steal},
                 "measurements": [m.to_json() for m in measurements],
                 "workers": [m.to_json() for m in workers],
             }
@@ -287,9 +305,12 @@ def test_runs_of_several_invocations_are_pooled_against_their_own_floors(
 ) -> None:
     # The two invocations number their runs alike but their floors differ fourfold: a run matched
     # with the other invocation's floor would read 0.3x or 4.8x, not its own ratio.
-    first = _invocation_json(tmp_path / "a", [0.2, 0.2], [1.1, 1.3], [1.7, 1.5])
+    first = _invocation_json(
+        tmp_path / "a", [0.2, 0.2], [1.1, 1.3], [1.7, 1.5], {"cpu0": 0.0279, "cpu1": 0.0739}
+    )
     second = _invocation_json(tmp_path / "b", [0.8, 0.8], [1.15, 1.25], [1.8, 1.65])
     invocations = [pool.load(first), pool.load(second)]
+    assert [i.steal_during for i in invocations] == [{"cpu0": 0.0279, "cpu1": 0.0739}, None]
 
     (bare,) = pool.pool(invocations)
     assert (bare.row, bare.target, bare.line) == ("sse-c1", "sidegate-bare", 1.2)
@@ -313,6 +334,9 @@ def test_runs_of_several_invocations_are_pooled_against_their_own_floors(
         "| workers | sidegate-bare | 4 | 1.675× | 1.500–1.800 | 1 under 1.6× | 1.600, 1.725 |"
         in out
     )
+    # the hypervisor's share during each invocation that recorded it; none said for the other
+    assert "| a | cpu0 2.79%, cpu1 7.39% |" in out
+    assert "| b |" not in out
     assert pool.main([]) == 2
 
 
@@ -869,6 +893,11 @@ def test_the_report_says_how_an_idle_cpu_waits_and_what_the_hypervisor_took(
     assert "CPUs (AMD EPYC, family 25 model 17)" in report
     assert f"Idle CPUs: {said}" in report
     assert "Stolen by the hypervisor since boot: cpu0 20.00%, cpu1 0.00%." in report
+    during = render(Results(), {**_meta(described), "steal_during": {"cpu0": 0.0219, "cpu1": 0.0}})
+    assert (
+        "Stolen by the hypervisor since boot: cpu0 20.00%, cpu1 0.00%; "
+        "during this invocation: cpu0 2.19%, cpu1 0.00%." in during
+    )
 
 
 def test_the_cpus_speed_is_measured_where_asked_and_none_when_it_cannot_be() -> None:
