@@ -21,7 +21,7 @@ import orjson
 
 from sidegate.proxy.cli import LOOPS, event_loop_factory
 
-from .procstat import parse_steal_shares, stat_text
+from .procstat import parse_steal_shares, read_text
 from .report import render, summary_json
 from .runner import ROWS, SECTIONS, TARGETS, Options, machine, run
 from .targets import REPO
@@ -205,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     meta["load_before"] = _loadavg()
-    stat_before = stat_text()
+    stat = Path("/proc/stat")  # what the hypervisor took during the run, as well as since boot
+    stat_before = read_text(stat) or ""
     results = run(options, directory, _say)
     meta["load_after"] = _loadavg()
-    meta["steal_during"] = parse_steal_shares(stat_text(), since=stat_before)
+    meta["steal_during"] = parse_steal_shares(read_text(stat) or "", since=stat_before)
     if note:
         results.notes.insert(0, note)
     report = render(results, meta)

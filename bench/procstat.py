@@ -29,8 +29,8 @@ __all__ = [
     "parse_stat_ticks",
     "parse_status_kb",
     "parse_steal_shares",
+    "read_text",
     "sample_cpu",
-    "stat_text",
     "tcp_sockets",
 ]
 
@@ -133,9 +133,10 @@ def parse_steal_shares(stat: str, since: str = "") -> dict[str, float]:
     """``{"cpu0": share, ...}`` from the text of ``/proc/stat``: the share (0–1) of each CPU's
     ticks that the hypervisor took (steal), since boot or, given an earlier text of the file as
     ``since``, between the two. Since boot is what a machine has been through; between two
-    samples is what weighed on what ran between them (on VM AL 1–2% since boot hid 2–3% of CPU 0
-    and 7% of CPU 1 during an invocation). A CPU whose line has no steal field (the eighth;
-    kernels before 2.6.11) is left out rather than stopping the harness."""
+    samples is what weighed on what ran between them (VM AL's first invocation began at 1.1% of
+    CPU 0 and 1.3% of CPU 1 since boot; the hypervisor took 2.8% and 7.4% during it). A CPU whose
+    line has no steal field (the eighth; kernels before 2.6.11) is left out rather than stopping
+    the harness."""
     before = _per_cpu(since)
     out = {}
     for name, values in _per_cpu(stat).items():
@@ -146,12 +147,13 @@ def parse_steal_shares(stat: str, since: str = "") -> dict[str, float]:
     return out
 
 
-def stat_text() -> str:
-    """The text of ``/proc/stat`` now ("" where there is none)."""
+def read_text(path: Path) -> str | None:
+    """The file's text, stripped; None when it is missing, unreadable or empty (a machine without
+    ``/proc`` or ``/sys`` is described with what is known rather than stopping the harness)."""
     try:
-        return (_PROC / "stat").read_text()
+        return path.read_text().strip() or None
     except OSError:
-        return ""
+        return None
 
 
 def _per_cpu(stat: str) -> dict[str, list[int]]:

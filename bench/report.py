@@ -305,7 +305,7 @@ def steal_shares(steal: dict[str, float]) -> str:
     return ", ".join(f"{cpu} {share:.2%}" for cpu, share in steal.items()) or "?"
 
 
-def _idle(machine: dict[str, Any], during: dict[str, float] | None = None) -> str:
+def _idle(machine: dict[str, Any], during: dict[str, float] | None) -> str:
     """How an idle CPU waits, and the time the hypervisor took since boot and, when it was
     recorded, during the invocation: what weighs on a VM's c=1 rows."""
     idle = machine.get("idle") or {}

@@ -37,6 +37,7 @@ from .procstat import (
     memory_kb,
     other_share,
     parse_steal_shares,
+    read_text,
     sample_cpu,
 )
 from .sidegate_setup import Configs, render_configs, sidegate_env, workers_supported
@@ -573,7 +574,7 @@ def machine(root: Path = Path("/")) -> dict[str, Any]:
     on). ``root`` is for tests.
     """
     info: dict[str, str] = {}
-    for line in (_read(root / "proc/cpuinfo") or "").splitlines():  # the first CPU's fields
+    for line in (read_text(root / "proc/cpuinfo") or "").splitlines():  # the first CPU's fields
         name, _, value = line.partition(":")
         info.setdefault(name.strip(), value.strip())
     uname = os.uname()
@@ -584,7 +585,7 @@ def machine(root: Path = Path("/")) -> dict[str, Any]:
         "cpu_family": info.get("cpu family"),
         "cpu_model_number": info.get("model"),
         "idle": _idle(root, info),
-        "steal_since_boot": parse_steal_shares(_read(root / "proc/stat") or ""),
+        "steal_since_boot": parse_steal_shares(read_text(root / "proc/stat") or ""),
         "kernel": f"{uname.sysname} {uname.release}",
         "machine": uname.machine,
     }
@@ -592,21 +593,13 @@ def machine(root: Path = Path("/")) -> dict[str, Any]:
 
 def _idle(root: Path, cpu: dict[str, str]) -> dict[str, Any]:
     """How an idle CPU waits (see :func:`machine`)."""
-    driver = _read(root / "sys/devices/system/cpu/cpuidle/current_driver")
+    driver = read_text(root / "sys/devices/system/cpu/cpuidle/current_driver")
     driver = None if driver == "none" else driver
     poll = None
     halts = None
     if driver == "haltpoll":
-        poll = _read(root / "sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        poll = read_text(root / "sys/module/haltpoll/parameters/guest_halt_poll_ns")
         halts = True if poll == "0" else None
     elif driver is None and "flags" in cpu and "monitor" not in cpu["flags"].split():
         halts = True
     return {"driver": driver, "guest_halt_poll_ns": poll, "halts": halts}
-
-
-def _read(path: Path) -> str | None:
-    """The file's text, stripped; None when it is missing, unreadable or empty."""
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
