@@ -141,7 +141,8 @@ def parse_steal_shares(stat: str, since: str = "") -> dict[str, float]:
     out = {}
     for name, values in _per_cpu(stat).items():
         earlier = before.get(name, [0] * len(values))
-        ticks = [now - then for now, then in zip(values, earlier, strict=False)]  # both ≤ 8
+        # _per_cpu keeps at most eight counts a line; a CPU missing from `since` counts from zero
+        ticks = [now - then for now, then in zip(values, earlier, strict=False)]
         if len(ticks) > 7:
             out[name] = ticks[7] / total if (total := sum(ticks)) > 0 else 0.0
     return out
