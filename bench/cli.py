@@ -132,10 +132,7 @@ def _loop(choice: str) -> str:
 
 
 def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
+    return " ".join((read_text(Path("/proc/loadavg")) or "?").split()[:3])
 
 
 def _say(message: str) -> None:

@@ -22,6 +22,7 @@ import orjson
 import pytest
 import yaml
 
+from bench import cli as bench_cli
 from bench import pool, procstat, sse_client, targets
 from bench.cli import select
 from bench.embeddings_cache import resolution_note
@@ -113,6 +114,15 @@ def test_the_noise_on_the_proxys_cpu_is_what_it_did_besides_the_proxy() -> None:
 def test_a_cpu_line_without_a_steal_field_is_left_out_of_the_steal_shares() -> None:
     stat = "cpu  900 0 300 5000\ncpu0 400 0 100 1970 5 0 0 25\ncpu1 500 0 200 3000\n"
     assert procstat.parse_steal_shares(stat) == {"cpu0": 0.01}
+
+
+def test_the_load_average_is_its_first_three_fields_or_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bench_cli, "read_text", lambda path: "0.51 0.99 1.12 2/187 4242")
+    assert bench_cli._loadavg() == "0.51 0.99 1.12"
+    monkeypatch.setattr(bench_cli, "read_text", lambda path: None)  # no /proc, or unreadable
+    assert bench_cli._loadavg() == "?"
 
 
 def test_the_steal_between_two_samples_is_what_the_hypervisor_took_between_them() -> None:
